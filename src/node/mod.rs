@@ -1,0 +1,219 @@
+//! The actor tree (DESIGN §3), started and stopped through [`Node`].
+//!
+//! ```text
+//! NodeActor (root supervisor)            root.rs
+//! └── ShardGroupActor ×owned shards     shard_group.rs   one-for-all, restart policy
+//!     ├── ShardActor                    shard.rs         twilight Shard in a pump task
+//!     └── PartitionActor ×(P/S)         partition.rs     one SQLite file each
+//! ```
+//! Every supervisor uses [`restart::RestartTracker`]; none relies on ractor's default, which stops
+//! the parent on any child exit.
+
+pub mod discord;
+pub mod partition;
+pub mod restart;
+pub mod root;
+pub mod shard;
+pub mod shard_group;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorRef, Message, RpcReplyPort};
+use twilight_gateway::queue::InMemoryQueue;
+use twilight_gateway::{ConfigBuilder, Intents};
+
+use crate::config::Config;
+use crate::ownership::Topology;
+use restart::RestartPolicy;
+use root::{NodeActor, NodeArgs, NodeMsg};
+pub use root::NodeStatus;
+
+/// What every actor of the tree shares, read-only.
+pub struct NodeContext {
+    /// The validated config.
+    pub config: Config,
+    /// Shards, partitions, pods (DESIGN §2).
+    pub topology: Topology,
+    /// twilight shard config (token, intents, gateway URL, the shared identify queue), without a
+    /// session; each shard start adds its own.
+    pub gateway: twilight_gateway::Config<InMemoryQueue>,
+    /// Restart policy of every supervisor.
+    pub policy: RestartPolicy,
+}
+
+/// Errors of starting, querying and stopping the node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// `DISCORD_TOKEN` is not set.
+    #[error("DISCORD_TOKEN is not set: the gateway needs the bot token")]
+    MissingToken,
+    /// `GET /gateway/bot` failed.
+    #[error("cannot fetch {url}")]
+    GatewayBot {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// `GET /gateway/bot` answered with an error status.
+    #[error("{url} answered HTTP {status}{}", if *.status == 401 { " (Discord rejected DISCORD_TOKEN)" } else { "" })]
+    GatewayBotStatus { url: String, status: u16 },
+    /// The actor tree could not start (a partition file could not be opened, …).
+    #[error("cannot start the node: {0}")]
+    Start(String),
+    /// An actor did not answer in time or is gone.
+    #[error("{what} did not answer: {reason}")]
+    Call { what: &'static str, reason: String },
+    /// A supervisor gave up; the node stopped.
+    #[error("node failed: {0}")]
+    Failed(String),
+}
+
+/// Sends `msg` and waits at most `timeout` for the reply.
+///
+/// # Errors
+/// [`NodeError::Call`] on timeout or if the actor is gone.
+pub async fn call<M: Message, T: Send + 'static>(
+    actor: &ActorRef<M>,
+    msg: impl FnOnce(RpcReplyPort<T>) -> M,
+    timeout: Duration,
+) -> Result<T, NodeError> {
+    let what = std::any::type_name::<M>().rsplit("::").next().unwrap_or("actor");
+    match actor.call(msg, Some(timeout)).await {
+        Ok(CallResult::Success(v)) => Ok(v),
+        Ok(CallResult::Timeout) => Err(NodeError::Call {
+            what,
+            reason: format!("timed out after {timeout:?}"),
+        }),
+        Ok(CallResult::SenderError) => Err(NodeError::Call {
+            what,
+            reason: "dropped the request".into(),
+        }),
+        Err(e) => Err(NodeError::Call {
+            what,
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// A running node: the root of the actor tree plus what is needed to watch and stop it.
+pub struct Node {
+    actor: ActorRef<NodeMsg>,
+    join: tokio::task::JoinHandle<()>,
+    failure: Arc<Mutex<Option<String>>>,
+    shutdown_timeout: Duration,
+}
+
+impl Node {
+    /// Fetches `/gateway/bot`, builds the identify queue and starts the tree for the shards this
+    /// pod owns (`cluster.ordinal` under DESIGN §2's assignment). Returns once every partition file
+    /// is open and every shard is connecting.
+    ///
+    /// # Errors
+    /// [`NodeError::MissingToken`], [`NodeError::GatewayBot`]/[`NodeError::GatewayBotStatus`],
+    /// or [`NodeError::Start`] if a group cannot start (e.g. a partition file is not a database).
+    pub async fn start(config: Config) -> Result<Node, NodeError> {
+        let token = config.discord.token.clone().ok_or(NodeError::MissingToken)?;
+        let topology = config.topology();
+        let info = discord::gateway_bot(&config.discord.api_url, &token).await?;
+        if info.shards > topology.shards() {
+            tracing::warn!(recommended = info.shards, configured = topology.shards(),
+                "Discord recommends more shards than discord.shards; plan a reshard");
+        }
+        let gateway_url = config
+            .discord
+            .gateway_url
+            .clone()
+            .unwrap_or_else(|| info.url.trim_end_matches('/').to_owned());
+        let queue = discord::identify_queue(&info, config.discord.identify_reserve);
+        let gateway = ConfigBuilder::new(
+            token.expose().to_owned(),
+            Intents::from_bits_truncate(config.discord.intents),
+        )
+        .proxy_url(gateway_url)
+        .queue(queue)
+        .build();
+        let shutdown_timeout = Duration::from_secs(config.supervision.shutdown_timeout_secs);
+        let ctx = Arc::new(NodeContext {
+            policy: RestartPolicy::from(&config.supervision),
+            topology,
+            gateway,
+            config,
+        });
+        let failure = Arc::new(Mutex::new(None));
+        let (actor, join) = Actor::spawn(
+            None,
+            NodeActor,
+            NodeArgs {
+                ctx,
+                failure: failure.clone(),
+            },
+        )
+        .await
+        .map_err(|e| NodeError::Start(e.to_string()))?;
+        Ok(Node {
+            actor,
+            join,
+            failure,
+            shutdown_timeout,
+        })
+    }
+
+    /// The status of every owned shard and partition.
+    ///
+    /// # Errors
+    /// [`NodeError::Call`] if the tree does not answer.
+    pub async fn status(&self) -> Result<NodeStatus, NodeError> {
+        call(&self.actor, NodeMsg::Status, self.shutdown_timeout).await
+    }
+
+    /// A handle for status queries that can be cloned into other tasks (HTTP).
+    pub fn status_handle(&self) -> StatusHandle {
+        StatusHandle {
+            actor: self.actor.clone(),
+        }
+    }
+
+    /// Graceful stop (DESIGN §5): every shard closes with the resume code, every partition commits
+    /// what it holds, within `supervision.shutdown_timeout_secs`.
+    ///
+    /// # Errors
+    /// [`NodeError::Call`] if the stop did not finish in time (the tree is killed then);
+    /// [`NodeError::Failed`] if the node had already failed.
+    pub async fn shutdown(self) -> Result<(), NodeError> {
+        let result = call(&self.actor, NodeMsg::Shutdown, self.shutdown_timeout).await;
+        self.actor.stop(None);
+        if tokio::time::timeout(self.shutdown_timeout, self.join).await.is_err() {
+            tracing::warn!("node did not stop in time");
+        }
+        if let Some(reason) = self.failure.lock().expect("not poisoned").take() {
+            return Err(NodeError::Failed(reason));
+        }
+        result
+    }
+
+    /// Resolves when the node stops on its own (a supervisor gave up), with why.
+    pub async fn failed(&mut self) -> NodeError {
+        // A JoinError means the root panicked; the failure text says more when there is one.
+        let _ = (&mut self.join).await;
+        let reason = self.failure.lock().expect("not poisoned").take();
+        NodeError::Failed(reason.unwrap_or_else(|| "the root actor stopped".into()))
+    }
+}
+
+/// Cloneable status access to a running node.
+#[derive(Clone)]
+pub struct StatusHandle {
+    actor: ActorRef<NodeMsg>,
+}
+
+impl StatusHandle {
+    /// Same as [`Node::status`], bounded by `timeout`.
+    ///
+    /// # Errors
+    /// [`NodeError::Call`] if the tree does not answer in time.
+    pub async fn status(&self, timeout: Duration) -> Result<NodeStatus, NodeError> {
+        call(&self.actor, NodeMsg::Status, timeout).await
+    }
+}

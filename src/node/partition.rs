@@ -1,0 +1,201 @@
+//! The partition actor: owns one SQLite file and applies its shard's dispatches in batches.
+//!
+//! Input arrives as [`Op`]s in the order the shard routed them (one sender, FIFO mailbox), so a
+//! watermark `w` processed here means every dispatch `<= w` for this partition is already buffered
+//! or committed. Ops are buffered and committed together — when `batch_max` ops are waiting, on the
+//! flush timer, or on drain — in one transaction with the new applied sequence. The SQLite work runs
+//! under `spawn_blocking` so no tokio worker ever blocks on disk (DESIGN §3).
+//!
+//! A buffered op that is lost (crash, kill) is not lost to the partition: it was never committed,
+//! so the applied sequence on disk is older than it and the shard's resume replays it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::sync::Semaphore;
+
+use crate::ownership::PartitionId;
+use crate::store::{AppliedSession, BatchOutcome, Op, PartitionStore, StoreError, TableCounts};
+
+/// Messages of [`PartitionActor`].
+pub enum PartitionMsg {
+    /// One routed op (dispatch, session start or watermark) from the shard's pump.
+    Op(Op),
+    /// Timer tick: commit whatever is buffered.
+    Flush,
+    /// Commit everything buffered, then reply with the committed session (graceful stop, tests).
+    Drain(RpcReplyPort<Option<AppliedSession>>),
+    /// Report the committed session and counters.
+    Status(RpcReplyPort<PartitionStatus>),
+}
+
+/// What a partition reports about itself.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct PartitionStatus {
+    /// The partition.
+    pub partition: PartitionId,
+    /// The committed session and applied sequence (None before the first session start).
+    pub session: Option<AppliedSession>,
+    /// Ops waiting in the buffer.
+    pub buffered: usize,
+    /// Totals of the batches committed by this incarnation.
+    pub dispatches_applied: u64,
+    /// Dispatches skipped as already applied (resume replays).
+    pub duplicates_skipped: u64,
+}
+
+/// Start arguments.
+pub struct PartitionArgs {
+    /// The partition this actor owns.
+    pub partition: PartitionId,
+    /// Its file (DESIGN §4 path), already restored if replication is on.
+    pub path: std::path::PathBuf,
+    /// The shard carrying it and the shard total: which `shard_session` row is ours.
+    pub shard_id: u32,
+    pub shard_total: u32,
+    /// Commit when this many ops are buffered (`storage.batch_max`).
+    pub batch_max: usize,
+    /// Commit at least this often while ops are buffered (`storage.flush_interval_ms`).
+    pub flush_interval: Duration,
+    /// The shard's in-flight budget: one permit returns per dispatch committed or dropped.
+    pub in_flight: Arc<Semaphore>,
+}
+
+/// State of a running partition actor.
+pub struct PartitionState {
+    partition: PartitionId,
+    /// `None` only while a batch is being written on a blocking thread.
+    store: Option<PartitionStore>,
+    session: Option<AppliedSession>,
+    buffer: Vec<Op>,
+    batch_max: usize,
+    in_flight: Arc<Semaphore>,
+    totals: BatchOutcome,
+}
+
+/// The actor; see the module docs.
+pub struct PartitionActor;
+
+impl Actor for PartitionActor {
+    type Msg = PartitionMsg;
+    type State = PartitionState;
+    type Arguments = PartitionArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let PartitionArgs {
+            partition,
+            path,
+            shard_id,
+            shard_total,
+            ..
+        } = args;
+        let (store, session) = tokio::task::spawn_blocking(move || {
+            let store = PartitionStore::open(&path, partition)?;
+            let session = store.applied_session(shard_id, shard_total)?;
+            Ok::<_, StoreError>((store, session))
+        })
+        .await??;
+        tracing::debug!(%partition, ?session, "partition open");
+        myself.send_interval(args.flush_interval, || PartitionMsg::Flush);
+        Ok(PartitionState {
+            partition,
+            store: Some(store),
+            session,
+            buffer: Vec::with_capacity(args.batch_max),
+            batch_max: args.batch_max,
+            in_flight: args.in_flight,
+            totals: BatchOutcome::default(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            PartitionMsg::Op(op) => {
+                state.buffer.push(op);
+                if state.buffer.len() >= state.batch_max {
+                    state.flush().await?;
+                }
+            }
+            PartitionMsg::Flush => state.flush().await?,
+            PartitionMsg::Drain(reply) => {
+                state.flush().await?;
+                // The asker may have given up waiting (timeout); nothing else to do then.
+                let _ = reply.send(state.session.clone());
+            }
+            PartitionMsg::Status(reply) => {
+                // As above: a timed-out asker is not our failure.
+                let _ = reply.send(state.status());
+            }
+        }
+        Ok(())
+    }
+}
+
+impl PartitionState {
+    /// Commits the buffer in one transaction off the async threads; returns the permits of the
+    /// dispatches it held to the shard. On error the actor fails and its group restarts.
+    async fn flush(&mut self) -> Result<(), StoreError> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let ops = std::mem::take(&mut self.buffer);
+        let dispatches = ops
+            .iter()
+            .filter(|op| matches!(op, Op::Dispatch { .. }))
+            .count();
+        let mut store = self.store.take().expect("store is present between batches");
+        let mut session = self.session.clone();
+        let (store, result, ops) = tokio::task::spawn_blocking(move || {
+            let result = store.apply(&mut session, &ops).map(|o| (o, session));
+            (store, result, ops)
+        })
+        .await
+        .expect("apply does not panic");
+        self.store = Some(store);
+        let (outcome, session) = result?;
+        self.session = session;
+        self.totals.applied += outcome.applied;
+        self.totals.duplicates += outcome.duplicates;
+        self.totals.ignored += outcome.ignored;
+        self.totals.new_messages += outcome.new_messages;
+        if outcome.unsessioned > 0 {
+            tracing::warn!(partition = %self.partition, dropped = outcome.unsessioned,
+                "dispatches arrived before any session start");
+        }
+        self.in_flight.add_permits(dispatches);
+        // Reuse the allocation for the next batch.
+        self.buffer = ops;
+        self.buffer.clear();
+        Ok(())
+    }
+
+    fn status(&self) -> PartitionStatus {
+        PartitionStatus {
+            partition: self.partition,
+            session: self.session.clone(),
+            buffered: self.buffer.len(),
+            dispatches_applied: self.totals.applied + self.totals.ignored,
+            duplicates_skipped: self.totals.duplicates,
+        }
+    }
+}
+
+/// Row counts of a partition file read from disk, off the async threads.
+///
+/// # Errors
+/// [`StoreError`] if the file cannot be opened or read.
+pub async fn read_counts(path: std::path::PathBuf, partition: PartitionId) -> Result<TableCounts, StoreError> {
+    tokio::task::spawn_blocking(move || PartitionStore::open_read_only(&path, partition)?.counts())
+        .await
+        .expect("counts does not panic")
+}

@@ -1,0 +1,178 @@
+//! The root supervisor: one shard group per shard this pod owns.
+//!
+//! Groups restart their own children; a group that gives up (restart intensity exceeded) is
+//! escalated here, and the node stops with that reason, so the process exits non-zero and its
+//! own supervisor (systemd, Kubernetes) decides what comes next — Erlang's escalation rule.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+
+use super::NodeContext;
+use super::shard::ShardPhase;
+use super::shard_group::{GroupStatus, ShardGroupActor, ShardGroupArgs, ShardGroupMsg};
+
+/// Bound on one group's status answer.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Messages of [`NodeActor`].
+pub enum NodeMsg {
+    /// Report every group's status.
+    Status(RpcReplyPort<NodeStatus>),
+    /// Stop every group gracefully, then reply.
+    Shutdown(RpcReplyPort<()>),
+}
+
+/// The node's status, as `/readyz` serves it.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct NodeStatus {
+    /// This pod's ordinal and the pod count.
+    pub ordinal: u32,
+    pub pods: u32,
+    /// Discord shard total and partition count.
+    pub shard_total: u32,
+    pub partitions_total: u32,
+    /// Shards this pod owns.
+    pub owned_shards: Vec<u32>,
+    /// One entry per owned shard.
+    pub groups: Vec<GroupStatus>,
+    /// Every owned partition is open and every owned shard is receiving dispatches (DESIGN §8).
+    pub ready: bool,
+}
+
+/// Start arguments.
+pub struct NodeArgs {
+    pub ctx: Arc<NodeContext>,
+    /// Where the reason goes when the node stops on its own.
+    pub failure: Arc<Mutex<Option<String>>>,
+}
+
+/// State of the root.
+pub struct NodeState {
+    ctx: Arc<NodeContext>,
+    groups: Vec<ActorRef<ShardGroupMsg>>,
+    failure: Arc<Mutex<Option<String>>>,
+    stopping: bool,
+}
+
+/// The root supervisor; see the module docs.
+pub struct NodeActor;
+
+impl Actor for NodeActor {
+    type Msg = NodeMsg;
+    type State = NodeState;
+    type Arguments = NodeArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let topology = args.ctx.topology;
+        let ordinal = args.ctx.config.cluster.ordinal;
+        let mut groups = Vec::new();
+        for shard_id in topology.shards_of_pod(ordinal) {
+            let group_args = ShardGroupArgs {
+                shard_id,
+                ctx: args.ctx.clone(),
+            };
+            let (group, _) = Actor::spawn_linked(None, ShardGroupActor, group_args, myself.get_cell())
+                .await
+                .map_err(|e| format!("shard group {shard_id}: {e}"))?;
+            groups.push(group);
+        }
+        tracing::info!(ordinal, shards = ?topology.shards_of_pod(ordinal), "node started");
+        Ok(NodeState {
+            ctx: args.ctx,
+            groups,
+            failure: args.failure,
+            stopping: false,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            NodeMsg::Status(reply) => {
+                let status = state.status().await;
+                // A timed-out asker is not our failure.
+                let _ = reply.send(status);
+            }
+            NodeMsg::Shutdown(reply) => {
+                state.stopping = true;
+                join_all(state.groups.iter().map(|g| {
+                    super::call(g, ShardGroupMsg::Shutdown, Duration::from_secs(
+                        state.ctx.config.supervision.shutdown_timeout_secs,
+                    ))
+                }))
+                .await
+                .into_iter()
+                .filter_map(Result::err)
+                .for_each(|e| tracing::warn!(error = %e, "shard group did not stop cleanly"));
+                // The asker may have timed out; stopping goes on regardless.
+                let _ = reply.send(());
+                myself.stop(None);
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        evt: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let reason = match evt {
+            SupervisionEvent::ActorFailed(_, err) => err.to_string(),
+            SupervisionEvent::ActorTerminated(_, _, reason) => {
+                format!("shard group stopped: {}", reason.unwrap_or_default())
+            }
+            _ => return Ok(()),
+        };
+        if state.stopping {
+            return Ok(());
+        }
+        tracing::error!(%reason, "a shard group gave up; stopping the node");
+        *state.failure.lock().expect("not poisoned") = Some(reason.clone());
+        state.stopping = true;
+        myself.stop(Some(reason));
+        Ok(())
+    }
+}
+
+impl NodeState {
+    async fn status(&self) -> NodeStatus {
+        let topology = self.ctx.topology;
+        let groups: Vec<GroupStatus> = join_all(
+            self.groups
+                .iter()
+                .map(|g| super::call(g, ShardGroupMsg::Status, STATUS_TIMEOUT)),
+        )
+        .await
+        .into_iter()
+        .filter_map(Result::ok)
+        .collect();
+        let per_shard = (topology.partitions() / topology.shards()) as usize;
+        let ready = groups.len() == self.groups.len()
+            && groups.iter().all(|g| {
+                g.partitions.len() == per_shard
+                    && g.shard_status.as_ref().is_some_and(|s| s.phase == ShardPhase::Active)
+            });
+        NodeStatus {
+            ordinal: self.ctx.config.cluster.ordinal,
+            pods: topology.pods(),
+            shard_total: topology.shards(),
+            partitions_total: topology.partitions(),
+            owned_shards: topology.shards_of_pod(self.ctx.config.cluster.ordinal),
+            groups,
+            ready,
+        }
+    }
+}

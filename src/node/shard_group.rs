@@ -1,0 +1,331 @@
+//! The shard group: supervisor of one shard and the partitions it carries (one-for-all).
+//!
+//! A shard and its partitions fail together (DESIGN §3): if a partition cannot write, the shard
+//! must not keep routing into it, and if the shard dies, buffered ops die with it. So any child
+//! failure stops every child, waits the policy's backoff, and starts the group again: partitions
+//! first (open files, read what they committed), then the shard, which resumes from the minimum
+//! applied sequence when the partitions agree on a session (DESIGN §5).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use tokio::sync::Semaphore;
+
+use super::NodeContext;
+use super::partition::{PartitionActor, PartitionArgs, PartitionMsg, PartitionStatus};
+use super::restart::{Decision, RestartTracker};
+use super::shard::{FATAL_PREFIX, ShardActor, ShardArgs, ShardMsg, ShardStatus};
+use crate::store::{AppliedSession, PartitionStore};
+
+/// Bound on one child's answer to a status or drain request.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on a child's stop before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Messages of [`ShardGroupActor`].
+pub enum ShardGroupMsg {
+    /// Start the children again after a failure (sent after the backoff). Carries the generation
+    /// it was scheduled for, so a stale restart is ignored.
+    Restart(u64),
+    /// Report the group's status.
+    Status(RpcReplyPort<GroupStatus>),
+    /// Graceful stop: close the shard with the resume code, drain the partitions, stop them.
+    Shutdown(RpcReplyPort<()>),
+}
+
+/// What a group reports: its shard, its partitions, and why it is not running if it is not.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct GroupStatus {
+    /// Shard number.
+    pub shard: u32,
+    /// The shard's status; None while restarting.
+    pub shard_status: Option<ShardStatus>,
+    /// Fatal close code that stopped the shard for good, if any.
+    pub fatal_close_code: Option<u16>,
+    /// The partitions' statuses, in partition order; empty while restarting.
+    pub partitions: Vec<PartitionStatus>,
+    /// Restarts of this group since the node started.
+    pub restarts: u32,
+}
+
+/// Start arguments.
+pub struct ShardGroupArgs {
+    /// The shard this group runs.
+    pub shard_id: u32,
+    /// Shared node context (config, topology, gateway config, restart policy).
+    pub ctx: Arc<NodeContext>,
+}
+
+/// State of a running group.
+pub struct ShardGroupState {
+    shard_id: u32,
+    ctx: Arc<NodeContext>,
+    shard: Option<ActorRef<ShardMsg>>,
+    partitions: Vec<ActorRef<PartitionMsg>>,
+    tracker: RestartTracker,
+    generation: u64,
+    restarts: u32,
+    fatal_close_code: Option<u16>,
+    stopping: bool,
+}
+
+/// The supervisor; see the module docs.
+pub struct ShardGroupActor;
+
+impl Actor for ShardGroupActor {
+    type Msg = ShardGroupMsg;
+    type State = ShardGroupState;
+    type Arguments = ShardGroupArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let mut state = ShardGroupState {
+            shard_id: args.shard_id,
+            tracker: RestartTracker::new(args.ctx.policy),
+            ctx: args.ctx,
+            shard: None,
+            partitions: Vec::new(),
+            generation: 0,
+            restarts: 0,
+            fatal_close_code: None,
+            stopping: false,
+        };
+        state.start_children(&myself).await?;
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ShardGroupMsg::Restart(generation) => {
+                if generation == state.generation && !state.stopping {
+                    state.restarts += 1;
+                    state.start_children(&myself).await?;
+                }
+            }
+            ShardGroupMsg::Status(reply) => {
+                let status = state.status().await;
+                // A timed-out asker is not our failure.
+                let _ = reply.send(status);
+            }
+            ShardGroupMsg::Shutdown(reply) => {
+                state.stopping = true;
+                state.shutdown().await;
+                // The asker may have timed out; the group is stopped either way.
+                let _ = reply.send(());
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        evt: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let (cell, reason) = match evt {
+            SupervisionEvent::ActorFailed(cell, err) => (cell, err.to_string()),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                let reason = reason.unwrap_or_else(|| "stopped".into());
+                if let Some(code) = reason.strip_prefix(FATAL_PREFIX)
+                    && state.is_current_shard(&cell)
+                {
+                    state.fatal_close_code = Some(code.parse().unwrap_or(0));
+                    state.shard = None;
+                    return Ok(());
+                }
+                (cell, format!("stopped unexpectedly: {reason}"))
+            }
+            _ => return Ok(()),
+        };
+        if state.stopping || !state.is_current_child(&cell) {
+            return Ok(()); // a child we stopped ourselves, or one of an older generation
+        }
+        tracing::warn!(shard = state.shard_id, %reason, "shard group child failed; restarting the group");
+        state.stop_children().await;
+        match state.tracker.on_failure(Instant::now()) {
+            Decision::RestartAfter(delay) => {
+                state.generation += 1;
+                let generation = state.generation;
+                myself.send_after(delay, move || ShardGroupMsg::Restart(generation));
+                Ok(())
+            }
+            Decision::GiveUp { failures } => Err(format!(
+                "shard group {} gave up after {failures} failures within {}s; last: {reason}",
+                state.shard_id,
+                state.ctx.policy.window.as_secs()
+            )
+            .into()),
+        }
+    }
+}
+
+impl ShardGroupState {
+    /// Spawns the partitions, reads what they committed, then spawns the shard resuming from it.
+    async fn start_children(&mut self, myself: &ActorRef<ShardGroupMsg>) -> Result<(), ActorProcessingErr> {
+        let ctx = &self.ctx;
+        let topology = ctx.topology;
+        let storage = &ctx.config.storage;
+        let in_flight = Arc::new(Semaphore::new(storage.max_in_flight));
+        let dir = storage.data_dir.join("partitions");
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        for partition in topology.partitions_of_shard(self.shard_id) {
+            let args = PartitionArgs {
+                partition,
+                path: PartitionStore::path_in(&storage.data_dir, partition),
+                shard_id: self.shard_id,
+                shard_total: topology.shards(),
+                batch_max: storage.batch_max,
+                flush_interval: Duration::from_millis(storage.flush_interval_ms),
+                in_flight: in_flight.clone(),
+            };
+            let (actor, _) = Actor::spawn_linked(None, PartitionActor, args, myself.get_cell())
+                .await
+                .map_err(|e| format!("partition {partition}: {e}"))?;
+            self.partitions.push(actor);
+        }
+        let sessions: Vec<Option<AppliedSession>> = join_all(
+            self.partitions
+                .iter()
+                .map(|p| super::call(p, PartitionMsg::Status, CALL_TIMEOUT)),
+        )
+        .await
+        .into_iter()
+        .map(|s| s.map(|s| s.session))
+        .collect::<Result<_, _>>()?;
+        let resume = resume_point(&sessions);
+        let args = ShardArgs {
+            shard_id: self.shard_id,
+            topology,
+            gateway: ctx.gateway.clone(),
+            resume,
+            partitions: self.partitions.clone(),
+            in_flight,
+            watermark_interval: Duration::from_millis(storage.watermark_interval_ms),
+            silence_timeout: Duration::from_secs(ctx.config.supervision.shard_silence_timeout_secs),
+        };
+        let (shard, _) = Actor::spawn_linked(None, ShardActor, args, myself.get_cell())
+            .await
+            .map_err(|e| format!("shard {}: {e}", self.shard_id))?;
+        self.shard = Some(shard);
+        Ok(())
+    }
+
+    fn is_current_shard(&self, cell: &ActorCell) -> bool {
+        self.shard.as_ref().is_some_and(|s| s.get_id() == cell.get_id())
+    }
+
+    fn is_current_child(&self, cell: &ActorCell) -> bool {
+        self.is_current_shard(cell) || self.partitions.iter().any(|p| p.get_id() == cell.get_id())
+    }
+
+    /// Stops the shard first (no more routing), then the partitions; kills what does not stop.
+    async fn stop_children(&mut self) {
+        let shard = self.shard.take().map(|s| s.get_cell());
+        let partitions = std::mem::take(&mut self.partitions);
+        for cell in shard.into_iter().chain(partitions.iter().map(ActorRef::get_cell)) {
+            if cell.stop_and_wait(None, Some(STOP_TIMEOUT)).await.is_err() {
+                cell.kill();
+            }
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        if let Some(shard) = &self.shard {
+            match super::call(shard, ShardMsg::Close, CALL_TIMEOUT).await {
+                Ok(seq) => tracing::info!(shard = self.shard_id, seq, "shard closed with resume code"),
+                Err(e) => tracing::warn!(shard = self.shard_id, error = %e, "shard close failed"),
+            }
+        }
+        let drained = join_all(
+            self.partitions
+                .iter()
+                .map(|p| super::call(p, PartitionMsg::Drain, CALL_TIMEOUT)),
+        )
+        .await;
+        for r in drained {
+            if let Err(e) = r {
+                tracing::warn!(shard = self.shard_id, error = %e, "partition drain failed");
+            }
+        }
+        self.stop_children().await;
+    }
+
+    async fn status(&self) -> GroupStatus {
+        let shard_status = match &self.shard {
+            Some(s) => super::call(s, ShardMsg::Status, CALL_TIMEOUT).await.ok(),
+            None => None,
+        };
+        let partitions = join_all(
+            self.partitions
+                .iter()
+                .map(|p| super::call(p, PartitionMsg::Status, CALL_TIMEOUT)),
+        )
+        .await
+        .into_iter()
+        .filter_map(Result::ok)
+        .collect();
+        GroupStatus {
+            shard: self.shard_id,
+            shard_status,
+            fatal_close_code: self.fatal_close_code,
+            partitions,
+            restarts: self.restarts,
+        }
+    }
+}
+
+/// Where the shard resumes (DESIGN §5): if every partition committed the same session, at the
+/// minimum of their applied sequences (so no partition misses a dispatch; the ones ahead skip the
+/// replay up to their own `applied_seq`); otherwise nowhere — the shard must identify.
+pub fn resume_point(sessions: &[Option<AppliedSession>]) -> Option<AppliedSession> {
+    let first = sessions.first()?.as_ref()?;
+    let mut min = first.clone();
+    for s in sessions {
+        let s = s.as_ref()?;
+        if s.session_id != first.session_id || s.shard_total != first.shard_total {
+            return None;
+        }
+        min.applied_seq = min.applied_seq.min(s.applied_seq);
+    }
+    Some(min)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(id: &str, seq: u64) -> Option<AppliedSession> {
+        Some(AppliedSession {
+            shard_id: 0,
+            shard_total: 4,
+            session_id: id.into(),
+            resume_url: "ws://x".into(),
+            applied_seq: seq,
+        })
+    }
+
+    #[test]
+    fn resumes_at_the_minimum_when_partitions_agree() {
+        assert_eq!(resume_point(&[s("a", 9), s("a", 4), s("a", 7)]), s("a", 4));
+    }
+
+    #[test]
+    fn identifies_when_any_partition_disagrees_or_has_nothing() {
+        assert_eq!(resume_point(&[s("a", 9), s("b", 4)]), None);
+        assert_eq!(resume_point(&[s("a", 9), None]), None);
+        assert_eq!(resume_point(&[]), None);
+    }
+}
