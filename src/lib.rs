@@ -1,9 +1,62 @@
-//! shardlite: a Discord bot's gateway at scale, without a central database.
+//! shardlite runs a Discord bot's gateway at scale without a central database: shards route every
+//! dispatch to the guild partition that owns the guild, each partition keeps its state in one
+//! SQLite file, and Litestream replicates those files to S3-compatible storage.
 //!
-//! (Layout and glossary are completed once the modules land.)
+//! # Layout
+//! The data path, gateway → shard → partition → store → replica, one module per hop:
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`cli`] | clap definitions only |
+//! | [`config`] | the typed config tree: figment sources, validation, redaction (DESIGN §11) |
+//! | [`ownership`] | pure functions guild → partition → shard → pod, and rescaling plans (DESIGN §2) |
+//! | [`node`] | the actor tree: root supervisor, shard groups, shard (twilight pump), partitions (DESIGN §3) |
+//! | [`store`] | one partition's SQLite file: schema, dispatch → rows, applied sequence (DESIGN §4–5) |
+//! | [`http`] | health and readiness endpoints (DESIGN §8) |
+//! | [`simulator`] | the in-tree Discord gateway, a library for tests, benches and the demo (DESIGN §10) |
+//! | [`run`] | `shardlite run` and `shardlite simulate`: a process until it is told to stop |
+//! | [`demo`] | simulator + node in one process, then the exactly-once check |
+//! | [`verify`] | exactly-once verification of partition files against the simulator's record |
+//!
+//! Dependencies point one way: `ownership` and `config` use nothing of ours; `store` knows nothing
+//! of actors or sockets; `node` uses `store` and `ownership`; `simulator` uses none of them.
+//!
+//! # Glossary
+//! - **shard**: one gateway connection; Discord sends a guild's events only to shard
+//!   `(guild_id >> 22) % shard_total` (Discord's sharding formula).
+//! - **session**: what IDENTIFY creates on a shard (READY's `session_id`); it can be resumed.
+//! - **sequence (seq)**: the number Discord gives each dispatch within a session (`s`).
+//! - **identify / resume**: start a new session (rate-limited per day) / continue one, replaying
+//!   the dispatches after a given seq.
+//! - **dispatch**: a gateway event (op 0), e.g. MESSAGE_CREATE.
+//! - **guild**: a Discord server; the unit of ownership.
+//! - **partition**: `guild_key % partitions`; one SQLite file; lies on shard `partition % shards`.
+//! - **applied sequence**: the highest seq whose effects a partition has committed (DESIGN §5).
+//! - **watermark**: a shard's "everything up to seq N has been routed" message to its partitions.
+//! - **pod / ordinal**: one shardlite process / its index among `pods`.
+//! - **replica / restore**: a partition's copy in object storage (Litestream) / bringing it back.
+//! - **lease / epoch**: the right to write a partition, and its generation number (DESIGN §7).
 
 pub mod cli;
 pub mod config;
+pub mod demo;
+pub mod http;
+pub mod node;
 pub mod ownership;
+pub mod run;
 pub mod simulator;
 pub mod store;
+pub mod verify;
+
+/// An error and its causes on one line, outermost first:
+/// `cannot open partition file data/partitions/p0003.sqlite3: file is not a database`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

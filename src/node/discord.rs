@@ -2,11 +2,10 @@
 //!
 //! Discord's "Get Gateway Bot" returns the gateway URL, the recommended shard count and the
 //! `session_start_limit` (identifies left today, when the budget resets, and `max_concurrency`,
-//! the number of identify buckets that may start every 5 s). The identify queue is built from it.
+//! the number of identify buckets that may start every 5 s), from which the identify queue is built.
 
 use std::time::Duration;
 
-use twilight_gateway::queue::InMemoryQueue;
 use twilight_model::gateway::connection_info::BotConnectionInfo;
 
 use super::NodeError;
@@ -43,22 +42,4 @@ pub async fn gateway_bot(api_url: &str, token: &Secret) -> Result<BotConnectionI
         });
     }
     response.json().await.map_err(err)
-}
-
-/// Builds the identify queue from Discord's `session_start_limit`, holding back `reserve`
-/// identifies of the daily budget: once only the reserve is left, identifies wait for the reset
-/// instead of spending it (an operator still has them for a manual restart).
-pub fn identify_queue(info: &BotConnectionInfo, reserve: u32) -> InMemoryQueue {
-    let limit = &info.session_start_limit;
-    let usable = limit.remaining.saturating_sub(reserve);
-    if usable < info.shards {
-        tracing::warn!(remaining = limit.remaining, reserve, reset_after_ms = limit.reset_after,
-            "identify budget nearly spent: identifies beyond it wait for Discord's daily reset");
-    }
-    InMemoryQueue::new(
-        limit.max_concurrency.max(1),
-        usable,
-        Duration::from_millis(limit.reset_after),
-        limit.total,
-    )
 }

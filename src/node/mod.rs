@@ -10,6 +10,7 @@
 //! the parent on any child exit.
 
 pub mod discord;
+pub mod identify_queue;
 pub mod partition;
 pub mod restart;
 pub mod root;
@@ -21,11 +22,11 @@ use std::time::Duration;
 
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef, Message, RpcReplyPort};
-use twilight_gateway::queue::InMemoryQueue;
 use twilight_gateway::{ConfigBuilder, Intents};
 
 use crate::config::Config;
 use crate::ownership::Topology;
+use identify_queue::IdentifyQueue;
 use restart::RestartPolicy;
 use root::{NodeActor, NodeArgs, NodeMsg};
 pub use root::NodeStatus;
@@ -38,7 +39,7 @@ pub struct NodeContext {
     pub topology: Topology,
     /// twilight shard config (token, intents, gateway URL, the shared identify queue), without a
     /// session; each shard start adds its own.
-    pub gateway: twilight_gateway::Config<InMemoryQueue>,
+    pub gateway: twilight_gateway::Config<IdentifyQueue>,
     /// Restart policy of every supervisor.
     pub policy: RestartPolicy,
 }
@@ -126,7 +127,7 @@ impl Node {
             .gateway_url
             .clone()
             .unwrap_or_else(|| info.url.trim_end_matches('/').to_owned());
-        let queue = discord::identify_queue(&info, config.discord.identify_reserve);
+        let queue = IdentifyQueue::new(&info.session_start_limit, config.discord.identify_reserve);
         let gateway = ConfigBuilder::new(
             token.expose().to_owned(),
             Intents::from_bits_truncate(config.discord.intents),

@@ -16,7 +16,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::Semaphore;
 
 use crate::ownership::PartitionId;
-use crate::store::{AppliedSession, BatchOutcome, Op, PartitionStore, StoreError, TableCounts};
+use crate::store::{AppliedSession, BatchOutcome, Op, PartitionStore, StoreError};
 
 /// Messages of [`PartitionActor`].
 pub enum PartitionMsg {
@@ -99,7 +99,8 @@ impl Actor for PartitionActor {
             let session = store.applied_session(shard_id, shard_total)?;
             Ok::<_, StoreError>((store, session))
         })
-        .await??;
+        .await?
+        .map_err(|e| crate::error_chain(&e))?;
         tracing::debug!(%partition, ?session, "partition open");
         myself.send_interval(args.flush_interval, || PartitionMsg::Flush);
         Ok(PartitionState {
@@ -188,14 +189,4 @@ impl PartitionState {
             duplicates_skipped: self.totals.duplicates,
         }
     }
-}
-
-/// Row counts of a partition file read from disk, off the async threads.
-///
-/// # Errors
-/// [`StoreError`] if the file cannot be opened or read.
-pub async fn read_counts(path: std::path::PathBuf, partition: PartitionId) -> Result<TableCounts, StoreError> {
-    tokio::task::spawn_blocking(move || PartitionStore::open_read_only(&path, partition)?.counts())
-        .await
-        .expect("counts does not panic")
 }

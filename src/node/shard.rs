@@ -15,10 +15,10 @@ use futures_util::StreamExt as _;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use twilight_gateway::error::ReceiveMessageErrorType;
-use twilight_gateway::queue::InMemoryQueue;
 use twilight_gateway::{CloseFrame, Config, EventTypeFlags, Message, Session, Shard, ShardId, ShardState};
 use twilight_model::gateway::event::{DispatchEvent, Event, GatewayEvent};
 
+use super::identify_queue::IdentifyQueue;
 use super::partition::PartitionMsg;
 use crate::ownership::Topology;
 use crate::store::{AppliedSession, Op, SessionStart};
@@ -125,7 +125,7 @@ pub struct ShardArgs {
     pub topology: Topology,
     /// twilight config for this shard (token, intents, gateway URL, identify queue), without the
     /// session, which [`ShardArgs::resume`] supplies.
-    pub gateway: Config<InMemoryQueue>,
+    pub gateway: Config<IdentifyQueue>,
     /// Resume this session at its `applied_seq` instead of identifying.
     pub resume: Option<AppliedSession>,
     /// The shard's partition actors, indexed by `partition / shard_total`.
@@ -319,7 +319,7 @@ impl ShardActorState {
 struct Pump {
     shard_id: u32,
     topology: Topology,
-    shard: Shard<InMemoryQueue>,
+    shard: Shard<IdentifyQueue>,
     partitions: Vec<ActorRef<PartitionMsg>>,
     in_flight: Arc<Semaphore>,
     live: Arc<Live>,
@@ -462,7 +462,7 @@ impl Pump {
             Ok(permit) => permit.forget(),
             Err(_) => return, // closed only when the group is going away
         }
-        self.send(&self.partitions[index], Op::Dispatch { seq, event });
+        self.send(&self.partitions[index], Op::Dispatch { seq, event: Box::new(event) });
     }
 
     /// Finds the partition of a dispatch: its guild's (DESIGN §2), or the shard's home partition for

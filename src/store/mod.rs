@@ -71,7 +71,7 @@ pub enum Op {
         /// Discord's `s` for this dispatch, within the current session.
         seq: u64,
         /// The decoded event.
-        event: DispatchEvent,
+        event: Box<DispatchEvent>,
     },
     /// The shard has routed everything up to this sequence: no dispatch `<= seq` for this
     /// partition is still on its way, so `applied_seq` may advance even in a quiet partition.

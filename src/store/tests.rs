@@ -27,7 +27,7 @@ fn message_json(id: u64, content: &str) -> String {
 fn create(seq: u64, id: u64) -> Op {
     Op::Dispatch {
         seq,
-        event: event("MESSAGE_CREATE", &message_json(id, "hi")),
+        event: Box::new(event("MESSAGE_CREATE", &message_json(id, "hi"))),
     }
 }
 
@@ -50,7 +50,7 @@ fn guild_create(seq: u64, channels: &[u64]) -> Op {
     );
     Op::Dispatch {
         seq,
-        event: event("GUILD_CREATE", &json),
+        event: Box::new(event("GUILD_CREATE", &json)),
     }
 }
 
@@ -77,7 +77,9 @@ fn message_is_stored_once_across_replays_and_sessions() {
         .unwrap();
     assert_eq!((out.applied, out.new_messages), (2, 2));
     // A resume replay of seq 2 and a new dispatch.
-    let out = store.apply(&mut s, &[create(2, 11), create(3, 12)]).unwrap();
+    let out = store
+        .apply(&mut s, &[create(2, 11), create(3, 12)])
+        .unwrap();
     assert_eq!((out.duplicates, out.new_messages), (1, 1));
     // A new session re-sends message 10 under another seq: the row exists, stats do not move.
     let out = store.apply(&mut s, &[session("b"), create(1, 10)]).unwrap();
@@ -126,7 +128,10 @@ fn guild_create_replaces_channels_and_clears_stale() {
     let mut store = open(&dir);
     let mut s = None;
     store
-        .apply(&mut s, &[session("a"), guild_create(1, &[CHANNEL, CHANNEL + 1])])
+        .apply(
+            &mut s,
+            &[session("a"), guild_create(1, &[CHANNEL, CHANNEL + 1])],
+        )
         .unwrap();
     store.apply(&mut s, &[session("b")]).unwrap();
     let g = store.guild_counts().unwrap()[0];
@@ -156,18 +161,20 @@ fn update_and_delete_change_the_row_not_the_stats() {
                 create(1, 10),
                 Op::Dispatch {
                     seq: 2,
-                    event: event("MESSAGE_UPDATE", &edited),
+                    event: Box::new(event("MESSAGE_UPDATE", &edited)),
                 },
                 Op::Dispatch {
                     seq: 3,
-                    event: event("MESSAGE_DELETE", &delete),
+                    event: Box::new(event("MESSAGE_DELETE", &delete)),
                 },
             ],
         )
         .unwrap();
     let content: String = store
         .conn
-        .query_row("SELECT content FROM messages WHERE id = 10", [], |r| r.get(0))
+        .query_row("SELECT content FROM messages WHERE id = 10", [], |r| {
+            r.get(0)
+        })
         .unwrap();
     assert_eq!(content, "edited");
     let c = store.counts().unwrap();

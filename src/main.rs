@@ -1,0 +1,147 @@
+//! The `shardlite` binary: parse the CLI, load config, run one command, map errors to exit codes
+//! (DESIGN §12: 0 clean stop, 2 bad config or usage, 1 anything else; one clear line on stderr).
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use shardlite::cli::{Cli, Command, ConfigCommand};
+use shardlite::config::Config;
+use shardlite::node::NodeError;
+use shardlite::{demo, error_chain as chain, ownership, run};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cli.log))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    #[cfg(feature = "tls")]
+    if rustls::crypto::ring::default_provider()
+        .install_default()
+        .is_err()
+    {
+        tracing::debug!("a rustls crypto provider was already installed");
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(1, &format!("cannot start the tokio runtime: {e}")),
+    };
+    runtime.block_on(dispatch(cli.command))
+}
+
+async fn dispatch(command: Command) -> ExitCode {
+    match command {
+        Command::Run(args) => {
+            let config = match Config::load(args.config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => return fail(2, &e.to_string()),
+            };
+            if config.discord.token.is_none() {
+                return fail(2, &NodeError::MissingToken.to_string());
+            }
+            match run::run(config, args.ready_file, shutdown_signal()).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(1, &chain(&e)),
+            }
+        }
+        Command::Demo(args) => match demo::run(&args).await {
+            Ok(report) => {
+                println!("{report}");
+                if report.verification.is_exact() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => fail(1, &chain(&e)),
+        },
+        Command::Simulate(args) => match run::run_simulator(&args, shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(1, &chain(e.as_ref())),
+        },
+        Command::Config(ConfigCommand::Check { config }) => match Config::load(config.as_deref()) {
+            Ok(c) => {
+                print!("{}", c.to_toml_redacted());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(2, &e.to_string()),
+        },
+        Command::Owner(args) => {
+            let config = match Config::load(args.config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => return fail(2, &e.to_string()),
+            };
+            let t = config.topology();
+            let g = args.guild_id;
+            println!(
+                "guild {g}: key {} → partition {} → shard {} → pod {}   (shards {}, partitions {}, pods {})",
+                ownership::guild_key(g),
+                t.partition_of_guild(g),
+                t.shard_of_guild(g),
+                t.pod_of_guild(g),
+                t.shards(),
+                t.partitions(),
+                t.pods()
+            );
+            if args.md5 {
+                println!(
+                    "legacy md5 pod {} (seed deployments' mapping; not the ownership function)",
+                    ownership::legacy_md5_pod(g, t.pods())
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Plan(args) => {
+            let config = match Config::load(args.config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => return fail(2, &e.to_string()),
+            };
+            let t = config.topology();
+            match ownership::plan(t.shards(), t.partitions(), args.pods, args.to) {
+                Ok(plan) => {
+                    println!("{plan}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(2, &e.to_string()),
+            }
+        }
+    }
+}
+
+/// Resolves on ctrl-c or SIGTERM (what systemd and Kubernetes send to stop a process).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGTERM; only ctrl-c stops the process");
+                // If ctrl-c cannot be watched either, nothing can stop us gracefully; run on.
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        // As above: without a signal source, run until killed.
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn fail(code: u8, message: &str) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(code)
+}

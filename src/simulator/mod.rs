@@ -1,0 +1,450 @@
+//! An in-tree Discord gateway v10 simulator, for tests, benches and the demo.
+//!
+//! It plays Discord (DESIGN §10): a deterministic world of guilds with snowflake ids spread
+//! over shards by Discord's formula `(guild_id >> 22) % shards`, a per-shard script of
+//! dispatches (MESSAGE_CREATE plus roughly one update/delete/member/channel event per ten
+//! creates), a websocket gateway speaking JSON over plain `ws://` on loopback, and the REST
+//! route `GET /api/v10/gateway/bot`. Real clients (twilight 0.18) accept it unchanged. It
+//! records every dispatch it sends so tests can compare what was sent with what was stored.
+//! It depends on no other module of this crate: it is the other side of the wire.
+//!
+//! # Layout
+//! - `mod.rs` (this file): public API — [`SimConfig`], [`Simulator`], record types, [`SimError`].
+//! - `world.rs`: the deterministic world and per-shard scripts; snowflakes; [`Expected`].
+//! - `payload.rs`: JSON rendering of HELLO, READY, GUILD_CREATE, MESSAGE_CREATE, ….
+//! - `session.rs`: runtime state — script cursors, session logs (for replay), the record.
+//! - `gateway.rs`: the websocket server (HELLO/heartbeat/identify/resume/replay, close codes).
+//! - `api.rs`: the axum REST server.
+//!
+//! # Rules the simulator keeps
+//! - A shard's script cursor only moves forward: a script event is sent as a non-replay at most
+//!   once, whatever clients do; a new session continues the script where the last one stopped.
+//! - One live connection per shard: a newer IDENTIFY/RESUME for a shard closes the older
+//!   connection with close code 4000.
+//! - Sequence numbers are per session, start at 1 (READY) and have no gaps.
+//! - Intents are not enforced: every shard gets every event of its guilds.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), shardlite::simulator::SimError> {
+//! use shardlite::simulator::{SimConfig, Simulator};
+//! let sim = Simulator::start(SimConfig { guilds: 50, messages: 1_000, ..SimConfig::default() }).await?;
+//! // point a client at sim.gateway_url() / sim.api_url(), then:
+//! sim.wait_all_sent(std::time::Duration::from_secs(10)).await?;
+//! assert_eq!(sim.status().messages_sent, 1_000);
+//! sim.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+mod api;
+mod gateway;
+mod payload;
+mod session;
+mod world;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use self::session::Runtime;
+use self::world::World;
+
+/// Simulator settings. Every field has a default (see [`SimConfig::default`]); the same
+/// config (same `seed`) always produces the same world, scripts and [`Expected`].
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SimConfig {
+    /// Seed of the world and scripts. Default 42.
+    pub seed: u64,
+    /// Number of guilds. Default 2 000.
+    pub guilds: u32,
+    /// Discord shard total the simulator expects in IDENTIFY (`shard: [id, total]`) and
+    /// returns from `/gateway/bot`. Must be ≥ 1. Default 4.
+    pub shards: u32,
+    /// Total MESSAGE_CREATE dispatches over all shards (≤ `u32::MAX`; needs `guilds > 0` when
+    /// non-zero). Default 200 000.
+    pub messages: u64,
+    /// Script dispatches per second over the whole simulator (all shards share one token
+    /// bucket); `None` = as fast as the sockets take them. READY, GUILD_CREATE, replays and
+    /// RESUMED are not paced. Must be ≥ 1 when set. Default `None`.
+    pub rate: Option<u32>,
+    /// The bot token clients must present, without the `Bot ` prefix (which clients may
+    /// send). Default `"simulated-token"`.
+    pub token: String,
+    /// `heartbeat_interval` sent in HELLO, in ms. Default 41 250 (Discord's usual value).
+    pub heartbeat_interval_ms: u64,
+    /// `session_start_limit.max_concurrency` returned by `/gateway/bot`. Default 16.
+    pub max_concurrency: u16,
+    /// Insert three fault frames into each shard's script after ~10 % of it: broken JSON (no
+    /// sequence), a dispatch of unknown type `SHARDLITE_UNKNOWN_EVENT`, and a GUILD_MEMBER_ADD
+    /// without `guild_id`. They never change [`Expected`]. Default `false`.
+    pub inject_malformed: bool,
+    /// Gateway listen address. Default `127.0.0.1:0` (an ephemeral port).
+    pub gateway_listen: SocketAddr,
+    /// REST listen address. Default `127.0.0.1:0`.
+    pub api_listen: SocketAddr,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            seed: 42,
+            guilds: 2_000,
+            shards: 4,
+            messages: 200_000,
+            rate: None,
+            token: "simulated-token".to_owned(),
+            heartbeat_interval_ms: 41_250,
+            max_concurrency: 16,
+            inject_malformed: false,
+            gateway_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            api_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        }
+    }
+}
+
+impl fmt::Debug for SimConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SimConfig")
+            .field("seed", &self.seed)
+            .field("guilds", &self.guilds)
+            .field("shards", &self.shards)
+            .field("messages", &self.messages)
+            .field("rate", &self.rate)
+            .field("token", &"<redacted>")
+            .field("heartbeat_interval_ms", &self.heartbeat_interval_ms)
+            .field("max_concurrency", &self.max_concurrency)
+            .field("inject_malformed", &self.inject_malformed)
+            .field("gateway_listen", &self.gateway_listen)
+            .field("api_listen", &self.api_listen)
+            .finish()
+    }
+}
+
+impl SimConfig {
+    /// Check the rules documented on the fields.
+    fn validate(&self) -> Result<(), SimError> {
+        let invalid = |reason: &str| Err(SimError::InvalidConfig { reason: reason.to_owned() });
+        if self.shards == 0 {
+            return invalid("shards must be at least 1");
+        }
+        if self.messages > u64::from(u32::MAX) {
+            return invalid("messages must be at most 4294967295");
+        }
+        if self.messages > 0 && self.guilds == 0 {
+            return invalid("messages need at least one guild");
+        }
+        if self.rate == Some(0) {
+            return invalid("rate must be at least 1 dispatch per second");
+        }
+        Ok(())
+    }
+}
+
+/// Errors of the simulator's public operations.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// The config breaks a rule documented on [`SimConfig`].
+    #[error("invalid simulator config: {reason}")]
+    InvalidConfig {
+        /// The rule that was broken.
+        reason: String,
+    },
+    /// Binding a listener failed (address in use, permission…).
+    #[error("failed to bind {addr}")]
+    Bind {
+        /// The address from the config.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Reading a bound listener's address failed.
+    #[error("failed to read the bound address of the {listener} listener")]
+    LocalAddr {
+        /// `"gateway"` or `"api"`.
+        listener: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// [`Simulator::wait_all_sent`] ran out of time.
+    #[error("timed out after {timeout:?} waiting for every script to be sent ({sent} of {total} events sent)")]
+    WaitAllSent {
+        /// The timeout given.
+        timeout: Duration,
+        /// Script events sent at least once so far, over all shards.
+        sent: u64,
+        /// Script events in all shards' scripts.
+        total: u64,
+    },
+}
+
+/// Type of a recorded dispatch (the gateway event name `t`, Discord docs "Gateway Events").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DispatchKind {
+    /// READY.
+    Ready,
+    /// RESUMED.
+    Resumed,
+    /// GUILD_CREATE.
+    GuildCreate,
+    /// MESSAGE_CREATE.
+    MessageCreate,
+    /// MESSAGE_UPDATE.
+    MessageUpdate,
+    /// MESSAGE_DELETE.
+    MessageDelete,
+    /// GUILD_MEMBER_ADD.
+    GuildMemberAdd,
+    /// GUILD_MEMBER_REMOVE.
+    GuildMemberRemove,
+    /// CHANNEL_CREATE.
+    ChannelCreate,
+    /// An event type clients do not know (injected fault `SHARDLITE_UNKNOWN_EVENT`).
+    Unknown,
+}
+
+/// One dispatch (op 0) the simulator wrote to a socket. Recorded once the batch holding it
+/// was flushed; a dispatch on a connection that died before the flush is not recorded (it
+/// stays in the session log and a RESUME replays it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SentDispatch {
+    /// Shard id.
+    pub shard: u32,
+    /// The session's `session_id`.
+    pub session: String,
+    /// Sequence number `s` within the session (from 1).
+    pub seq: u64,
+    /// Event type.
+    pub kind: DispatchKind,
+    /// Guild the event belongs to (`None` for READY, RESUMED, the unknown-type fault and the
+    /// GUILD_MEMBER_ADD-without-guild fault).
+    pub guild_id: Option<u64>,
+    /// Message id for MESSAGE_CREATE/UPDATE/DELETE.
+    pub message_id: Option<u64>,
+    /// Re-sent from the session log because of a RESUME.
+    pub replay: bool,
+    /// An injected fault frame (see [`SimConfig::inject_malformed`]). The broken-JSON frame
+    /// takes no sequence number and is not recorded.
+    pub malformed: bool,
+}
+
+/// Snapshot of the simulator's progress (also `GET {api_url}/sim/status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SimStatus {
+    /// One entry per shard, by shard id.
+    pub shards: Vec<ShardStatus>,
+    /// Distinct MESSAGE_CREATE script events sent at least once.
+    pub messages_sent: u64,
+    /// MESSAGE_CREATE events in all scripts (= `SimConfig::messages`).
+    pub messages_total: u64,
+    /// Every shard's whole script was sent at least once.
+    pub all_sent: bool,
+}
+
+/// Progress of one shard.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardStatus {
+    /// Shard id.
+    pub shard: u32,
+    /// Latest session identified or resumed on this shard.
+    pub session: Option<String>,
+    /// Highest sequence number assigned in that session.
+    pub last_seq: u64,
+    /// Script events sent (flushed) at least once.
+    pub script_sent: u64,
+    /// Script events in this shard's script (including injected faults).
+    pub script_total: u64,
+    /// Accepted IDENTIFYs.
+    pub identifies: u32,
+    /// Accepted RESUMEs.
+    pub resumes: u32,
+    /// A connection holds this shard now.
+    pub connected: bool,
+}
+
+/// The world after the whole script, for comparing with what a client stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Expected {
+    /// Every guild by id.
+    pub guilds: BTreeMap<u64, ExpectedGuild>,
+    /// Every MESSAGE_CREATE id of all scripts, each once, ascending.
+    pub message_ids: Vec<u64>,
+}
+
+/// One guild after the whole script.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExpectedGuild {
+    /// `(guild_id >> 22) % shards`.
+    pub shard: u32,
+    /// Text channels, including CHANNEL_CREATEs.
+    pub channels: u32,
+    /// Roles, including @everyone (id = guild id).
+    pub roles: u32,
+    /// Members after all GUILD_MEMBER_ADD/REMOVE (faults excluded).
+    pub members: u32,
+    /// MESSAGE_CREATEs in this guild.
+    pub messages_created: u32,
+    /// MESSAGE_DELETEs in this guild.
+    pub messages_deleted: u32,
+}
+
+/// Stops the servers when the last [`Simulator`] handle is dropped.
+struct Guard {
+    shutdown: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.shutdown.send_replace(true);
+    }
+}
+
+/// A running simulator. Cheap to clone; dropping the last clone, or [`Simulator::shutdown`],
+/// stops both servers (open connections get close code 1001).
+#[derive(Clone)]
+pub struct Simulator {
+    rt: Arc<Runtime>,
+    api_url: String,
+    guard: Arc<Guard>,
+}
+
+impl fmt::Debug for Simulator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Simulator")
+            .field("gateway_url", &self.rt.gateway_url)
+            .field("api_url", &self.api_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Simulator {
+    /// Generate the world, bind both listeners, spawn the servers and return once they
+    /// accept connections. Must run inside a tokio runtime.
+    ///
+    /// # Errors
+    /// [`SimError::InvalidConfig`] for a config breaking its documented rules;
+    /// [`SimError::Bind`] / [`SimError::LocalAddr`] when a listener cannot be set up.
+    pub async fn start(config: SimConfig) -> Result<Simulator, SimError> {
+        config.validate()?;
+        let gateway_listener = bind(config.gateway_listen).await?;
+        let api_listener = bind(config.api_listen).await?;
+        let gateway_addr = local_addr(&gateway_listener, "gateway")?;
+        let api_addr = local_addr(&api_listener, "api")?;
+        let gateway_url = format!("ws://{}", gateway::url_host(gateway_addr));
+        let api_url = format!("http://{}/api", gateway::url_host(api_addr));
+
+        // World generation is CPU work (≈ 100 ms per 200 000 messages in release builds).
+        let world_config = config.clone();
+        let world = match tokio::task::spawn_blocking(move || World::generate(&world_config)).await
+        {
+            Ok(world) => Arc::new(world),
+            Err(join) => std::panic::resume_unwind(join.into_panic()),
+        };
+        let rt = Arc::new(Runtime::new(config, world, gateway_url));
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tasks = vec![tokio::spawn(gateway::serve(
+            rt.clone(),
+            gateway_listener,
+            shutdown_rx.clone(),
+        ))];
+        if let (Some(pacer), Some(rate)) = (rt.pacer.clone(), rt.config.rate) {
+            tasks.push(tokio::spawn(gateway::pace(pacer, rate, shutdown_rx.clone())));
+        }
+        let mut api_shutdown = shutdown_rx;
+        let api = axum::serve(api_listener, api::router(rt.clone())).with_graceful_shutdown(
+            async move { gateway::stopped(&mut api_shutdown).await },
+        );
+        tasks.push(tokio::spawn(async move {
+            if let Err(error) = api.await {
+                warn!(%error, "simulator api server failed");
+            }
+        }));
+        info!(gateway = %rt.gateway_url, api = %api_url, guilds = rt.config.guilds,
+              shards = rt.config.shards, messages = rt.config.messages, "simulator listening");
+        Ok(Simulator {
+            rt,
+            api_url,
+            guard: Arc::new(Guard { shutdown, tasks: Mutex::new(tasks) }),
+        })
+    }
+
+    /// Gateway base URL, `ws://127.0.0.1:PORT` without a trailing slash; clients append
+    /// `/?v=10&encoding=json` (any request path is accepted). Also READY's
+    /// `resume_gateway_url`.
+    pub fn gateway_url(&self) -> String {
+        self.rt.gateway_url.clone()
+    }
+
+    /// REST base URL without a version, `http://127.0.0.1:PORT/api`, like Discord's
+    /// `https://discord.com/api`.
+    pub fn api_url(&self) -> String {
+        self.api_url.clone()
+    }
+
+    /// Every dispatch sent so far, in send order, replays included (flagged `replay`).
+    pub fn record(&self) -> Vec<SentDispatch> {
+        self.rt.record()
+    }
+
+    /// Progress snapshot.
+    pub fn status(&self) -> SimStatus {
+        self.rt.status()
+    }
+
+    /// The world after the whole script (independent of what was sent so far).
+    pub fn expected(&self) -> Expected {
+        self.rt.world.expected.clone()
+    }
+
+    /// Wait until every shard's whole script was sent (flushed to a socket) at least once.
+    ///
+    /// # Errors
+    /// [`SimError::WaitAllSent`] when `timeout` passes first.
+    pub async fn wait_all_sent(&self, timeout: Duration) -> Result<(), SimError> {
+        let mut all_sent = self.rt.watch_all_sent();
+        // Err: the sender lives in `rt`, which we hold, so it cannot be dropped.
+        if let Ok(Ok(_)) = tokio::time::timeout(timeout, all_sent.wait_for(|done| *done)).await {
+            return Ok(());
+        }
+        let status = self.status();
+        Err(SimError::WaitAllSent {
+            timeout,
+            sent: status.shards.iter().map(|s| s.script_sent).sum(),
+            total: status.shards.iter().map(|s| s.script_total).sum(),
+        })
+    }
+
+    /// Stop both servers (open connections get close code 1001) and wait for their tasks.
+    /// Other clones of this handle see a stopped simulator.
+    pub async fn shutdown(self) {
+        self.guard.shutdown.send_replace(true);
+        let tasks = std::mem::take(
+            &mut *self.guard.tasks.lock().unwrap_or_else(PoisonError::into_inner),
+        );
+        for task in tasks {
+            if let Err(error) = task.await {
+                warn!(%error, "simulator task failed");
+            }
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, SimError> {
+    TcpListener::bind(addr).await.map_err(|source| SimError::Bind { addr, source })
+}
+
+fn local_addr(listener: &TcpListener, name: &'static str) -> Result<SocketAddr, SimError> {
+    listener.local_addr().map_err(|source| SimError::LocalAddr { listener: name, source })
+}

@@ -1,0 +1,365 @@
+//! Runtime state shared by all connections: per-shard script cursors, session logs, the
+//! dispatch record and delivery progress.
+//!
+//! Each shard's state sits behind its own `std::sync::Mutex` (held for microseconds, never
+//! across an `.await`). Lock order is shard → record; nothing takes them the other way round.
+//! A session log is a `Vec<LogEntry>` indexed by `seq - 1`: 16 bytes per dispatch, never the
+//! JSON, which is rendered again from the world on replay.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use tokio::sync::{Semaphore, watch};
+
+use super::payload::{describe, mix};
+use super::world::{ScriptEvent, World};
+use super::{DispatchKind, SentDispatch, ShardStatus, SimConfig, SimStatus};
+
+/// One dispatch in a session log; its sequence number is its position + 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LogEntry {
+    /// READY, first dispatch of every session.
+    Ready,
+    /// GUILD_CREATE of guild `guild` as it stood with the shard's script cursor at `at`.
+    GuildCreate { guild: u32, at: u32 },
+    /// Entry `index` of the shard's script.
+    Script { index: u32 },
+    /// RESUMED, after the replay of a RESUME.
+    Resumed,
+}
+
+/// One frame a connection is about to write.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Outgoing {
+    /// Sequence number; `None` for the broken-JSON fault frame, which takes none.
+    pub seq: Option<u64>,
+    pub entry: LogEntry,
+    /// Re-sent from the session log because of a RESUME.
+    pub replay: bool,
+}
+
+/// Frames to write after IDENTIFY or RESUME succeeded.
+#[derive(Debug)]
+pub(crate) struct Opened {
+    pub session: Arc<str>,
+    /// READY + GUILD_CREATEs (identify), or replayed dispatches + RESUMED (resume).
+    pub backlog: Vec<Outgoing>,
+    /// The shard's script is already fully claimed.
+    pub script_done: bool,
+}
+
+/// Result of asking for the next script events.
+#[derive(Debug)]
+pub(crate) enum Claim {
+    /// Another connection took the shard over; this one must stop.
+    Superseded,
+    /// Up to the requested number of events (fewer or none when the script ends).
+    Events { items: Vec<Outgoing>, script_done: bool },
+}
+
+/// Compact record entry (the public [`SentDispatch`] is built on demand).
+#[derive(Debug, Clone)]
+struct RecordEntry {
+    shard: u32,
+    session: Arc<str>,
+    seq: u64,
+    kind: DispatchKind,
+    guild_id: Option<u64>,
+    message_id: Option<u64>,
+    replay: bool,
+    malformed: bool,
+}
+
+/// Per-shard state.
+#[derive(Debug, Default)]
+struct ShardRt {
+    /// Next script index no session has been given yet; only ever moves forward.
+    cursor: u32,
+    /// Bit `i` set = script entry `i` was flushed to some socket at least once.
+    sent: Vec<u64>,
+    script_sent: u64,
+    messages_sent: u64,
+    sessions: HashMap<Arc<str>, Vec<LogEntry>>,
+    current_session: Option<Arc<str>>,
+    /// Connection id that owns the shard now (0 = none).
+    active_conn: u64,
+    identifies: u32,
+    resumes: u32,
+}
+
+/// Everything the gateway, REST API and public handle share.
+#[derive(Debug)]
+pub(crate) struct Runtime {
+    pub config: SimConfig,
+    pub world: Arc<World>,
+    /// `ws://127.0.0.1:PORT`, also sent as READY's `resume_gateway_url`.
+    pub gateway_url: String,
+    /// Token bucket for script dispatches when `config.rate` is set (filled by `gateway.rs`).
+    pub pacer: Option<Arc<Semaphore>>,
+    shards: Vec<Mutex<ShardRt>>,
+    /// Per shard: the connection id that owns it; a superseded connection sees the change.
+    owners: Vec<watch::Sender<u64>>,
+    record: Mutex<Vec<RecordEntry>>,
+    /// `true` once every shard's script was sent at least once.
+    all_sent: watch::Sender<bool>,
+    completed_shards: AtomicU64,
+    next_conn: AtomicU64,
+    next_session: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a lock cannot leave these structures half-updated in a way that
+    // matters more than stopping the simulator would; keep serving.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Runtime {
+    pub(crate) fn new(config: SimConfig, world: Arc<World>, gateway_url: String) -> Runtime {
+        let shards = world.shards as usize;
+        let pacer = config.rate.map(|_| Arc::new(Semaphore::new(0)));
+        let mut completed = 0;
+        let shard_rts = world
+            .scripts
+            .iter()
+            .map(|script| {
+                if script.is_empty() {
+                    completed += 1;
+                }
+                Mutex::new(ShardRt {
+                    sent: vec![0; script.len().div_ceil(64)],
+                    ..ShardRt::default()
+                })
+            })
+            .collect();
+        let (all_sent, _) = watch::channel(completed == shards);
+        Runtime {
+            config,
+            world,
+            gateway_url,
+            pacer,
+            shards: shard_rts,
+            owners: (0..shards).map(|_| watch::channel(0).0).collect(),
+            record: Mutex::new(Vec::new()),
+            all_sent,
+            completed_shards: AtomicU64::new(completed as u64),
+            next_conn: AtomicU64::new(1),
+            next_session: AtomicU64::new(1),
+        }
+    }
+
+    /// A fresh connection id (never 0).
+    pub(crate) fn next_conn_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Watch the owner of `shard` (the connection id holding it).
+    pub(crate) fn watch_owner(&self, shard: u32) -> watch::Receiver<u64> {
+        self.owners[shard as usize].subscribe()
+    }
+
+    /// Watch whether every script was sent at least once.
+    pub(crate) fn watch_all_sent(&self) -> watch::Receiver<bool> {
+        self.all_sent.subscribe()
+    }
+
+    /// IDENTIFY accepted: `conn` takes `shard` over and a new session starts with READY and a
+    /// GUILD_CREATE per guild of the shard, rendered at the shard's current script cursor.
+    pub(crate) fn identify(&self, shard: u32, conn: u64) -> Opened {
+        let counter = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let session: Arc<str> =
+            format!("{:016x}{:08x}{:08x}", mix(self.world.seed), shard, counter).into();
+        let mut st = lock(&self.shards[shard as usize]);
+        self.take_over(&mut st, shard, conn);
+        let at = st.cursor;
+        let mut log = vec![LogEntry::Ready];
+        log.extend(
+            self.world.shard_guilds[shard as usize]
+                .iter()
+                .map(|g| LogEntry::GuildCreate { guild: *g, at }),
+        );
+        let backlog = log
+            .iter()
+            .enumerate()
+            .map(|(i, e)| Outgoing { seq: Some(i as u64 + 1), entry: *e, replay: false })
+            .collect();
+        st.sessions.insert(session.clone(), log);
+        st.current_session = Some(session.clone());
+        st.identifies += 1;
+        Opened { session, backlog, script_done: self.script_done(&st, shard) }
+    }
+
+    /// RESUME: if `session` is a session of `shard` and `seq` is not ahead of it, `conn` takes
+    /// the shard over and gets every dispatch after `seq` again plus RESUMED. `None` means
+    /// the session is invalid (the caller sends op 9 `d: false`).
+    pub(crate) fn resume(&self, shard: u32, session: &str, seq: u64, conn: u64) -> Option<Opened> {
+        let mut st = lock(&self.shards[shard as usize]);
+        let (key, len) = st.sessions.get_key_value(session).map(|(k, v)| (k.clone(), v.len()))?;
+        if seq > len as u64 {
+            return None;
+        }
+        self.take_over(&mut st, shard, conn);
+        let log = st.sessions.get_mut(session)?;
+        let mut backlog: Vec<Outgoing> = log[seq as usize..]
+            .iter()
+            .enumerate()
+            .map(|(i, e)| Outgoing { seq: Some(seq + i as u64 + 1), entry: *e, replay: true })
+            .collect();
+        log.push(LogEntry::Resumed);
+        backlog.push(Outgoing {
+            seq: Some(log.len() as u64),
+            entry: LogEntry::Resumed,
+            replay: false,
+        });
+        st.current_session = Some(key.clone());
+        st.resumes += 1;
+        Some(Opened { session: key, backlog, script_done: self.script_done(&st, shard) })
+    }
+
+    fn take_over(&self, st: &mut ShardRt, shard: u32, conn: u64) {
+        st.active_conn = conn;
+        // Wakes the previous owner (if any), which then closes its socket.
+        self.owners[shard as usize].send_replace(conn);
+    }
+
+    fn script_done(&self, st: &ShardRt, shard: u32) -> bool {
+        st.cursor as usize >= self.world.scripts[shard as usize].len()
+    }
+
+    /// Give up to `max` next script events of `shard` to `session`, if `conn` still owns the
+    /// shard. Each event gets the session's next sequence number (the broken-JSON fault gets
+    /// none and counts as sent at once, as nothing can replay it).
+    pub(crate) fn claim(&self, shard: u32, conn: u64, session: &str, max: usize) -> Claim {
+        let script = &self.world.scripts[shard as usize];
+        let mut st = lock(&self.shards[shard as usize]);
+        if st.active_conn != conn {
+            return Claim::Superseded;
+        }
+        let st = &mut *st;
+        let Some(log) = st.sessions.get_mut(session) else {
+            return Claim::Superseded;
+        };
+        let end = (st.cursor as usize + max).min(script.len());
+        let mut items = Vec::with_capacity(end - st.cursor as usize);
+        let mut broken = Vec::new();
+        for index in st.cursor..end as u32 {
+            let entry = LogEntry::Script { index };
+            if script[index as usize].takes_seq() {
+                log.push(entry);
+                items.push(Outgoing { seq: Some(log.len() as u64), entry, replay: false });
+            } else {
+                items.push(Outgoing { seq: None, entry, replay: false });
+                broken.push(index);
+            }
+        }
+        st.cursor = end as u32;
+        for index in broken {
+            self.mark_sent(st, shard, index);
+        }
+        Claim::Events { items, script_done: end >= script.len() }
+    }
+
+    /// The frames in `items` were flushed to the socket of `session` on `shard`: record them
+    /// and mark their script events as sent.
+    pub(crate) fn delivered(&self, shard: u32, session: &Arc<str>, items: &[Outgoing]) {
+        let mut st = lock(&self.shards[shard as usize]);
+        let mut record = lock(&self.record);
+        for item in items {
+            if let LogEntry::Script { index } = item.entry {
+                self.mark_sent(&mut st, shard, index);
+            }
+            let Some(seq) = item.seq else { continue };
+            let (kind, guild_id, message_id, malformed) = describe(&self.world, shard, item.entry);
+            record.push(RecordEntry {
+                shard,
+                session: session.clone(),
+                seq,
+                kind,
+                guild_id,
+                message_id,
+                replay: item.replay,
+                malformed,
+            });
+        }
+    }
+
+    fn mark_sent(&self, st: &mut ShardRt, shard: u32, index: u32) {
+        let (word, bit) = (index as usize / 64, 1u64 << (index % 64));
+        if st.sent[word] & bit != 0 {
+            return;
+        }
+        st.sent[word] |= bit;
+        st.script_sent += 1;
+        let script = &self.world.scripts[shard as usize];
+        if matches!(script[index as usize], ScriptEvent::MessageCreate { .. }) {
+            st.messages_sent += 1;
+        }
+        if st.script_sent == script.len() as u64 {
+            let done = self.completed_shards.fetch_add(1, Ordering::AcqRel) + 1;
+            if done == u64::from(self.world.shards) {
+                self.all_sent.send_replace(true);
+            }
+        }
+    }
+
+    /// Connection `conn` ended; if it owned `shard`, the shard is now disconnected.
+    pub(crate) fn disconnected(&self, shard: u32, conn: u64) {
+        let mut st = lock(&self.shards[shard as usize]);
+        if st.active_conn == conn {
+            st.active_conn = 0;
+        }
+    }
+
+    /// Snapshot for [`Simulator::status`](super::Simulator::status).
+    pub(crate) fn status(&self) -> SimStatus {
+        let mut messages_sent = 0;
+        let shards: Vec<ShardStatus> = self
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let st = lock(m);
+                messages_sent += st.messages_sent;
+                let last_seq = st
+                    .current_session
+                    .as_ref()
+                    .and_then(|s| st.sessions.get(s))
+                    .map_or(0, |log| log.len() as u64);
+                ShardStatus {
+                    shard: i as u32,
+                    session: st.current_session.as_deref().map(str::to_owned),
+                    last_seq,
+                    script_sent: st.script_sent,
+                    script_total: self.world.scripts[i].len() as u64,
+                    identifies: st.identifies,
+                    resumes: st.resumes,
+                    connected: st.active_conn != 0,
+                }
+            })
+            .collect();
+        let all_sent = shards.iter().all(|s| s.script_sent == s.script_total);
+        SimStatus {
+            shards,
+            messages_sent,
+            messages_total: self.world.messages.len() as u64,
+            all_sent,
+        }
+    }
+
+    /// Every recorded dispatch, in the order the batches were flushed.
+    pub(crate) fn record(&self) -> Vec<SentDispatch> {
+        lock(&self.record)
+            .iter()
+            .map(|r| SentDispatch {
+                shard: r.shard,
+                session: r.session.to_string(),
+                seq: r.seq,
+                kind: r.kind,
+                guild_id: r.guild_id,
+                message_id: r.message_id,
+                replay: r.replay,
+                malformed: r.malformed,
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,166 @@
+//! Test harness: the real `shardlite` binary as a child process, driven against the in-process
+//! simulator. A directory per test, inherited `SHARDLITE_*` variables stripped, readiness read
+//! from the ready file with a deadline, output kept in files and printed when a test fails, and
+//! the child killed on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use shardlite::node::NodeStatus;
+use shardlite::simulator::Simulator;
+
+/// The token the simulator accepts by default.
+pub const TOKEN: &str = "simulated-token";
+
+/// Path of the binary under test, built by cargo for this test run.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_shardlite")
+}
+
+/// A `Command` for the binary with a clean environment: no inherited `SHARDLITE_*`, `POD_ORDINAL`,
+/// `NUM_GATEWAY_PODS` or `DISCORD_TOKEN` can change what the test means.
+pub fn command() -> Command {
+    let mut cmd = Command::new(bin());
+    for (key, _) in std::env::vars() {
+        if key.starts_with("SHARDLITE_")
+            || key == "POD_ORDINAL"
+            || key == "NUM_GATEWAY_PODS"
+            || key == "DISCORD_TOKEN"
+            || key == "RUST_LOG"
+        {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, or panics with `what` after `deadline`.
+pub async fn wait_for<T>(what: &str, deadline: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out after {deadline:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Shape of the node under test.
+#[derive(Clone, Debug)]
+pub struct NodeSpec {
+    pub shards: u32,
+    pub partitions: u32,
+}
+
+/// A running `shardlite run`.
+pub struct NodeProcess {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub http: String,
+    stderr: PathBuf,
+}
+
+impl NodeProcess {
+    /// Writes a config for `sim` into `dir`, starts `shardlite run` and waits for its ready file.
+    pub async fn start(dir: &Path, sim: &Simulator, spec: &NodeSpec) -> NodeProcess {
+        let data_dir = dir.join("data");
+        let config = dir.join("shardlite.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[discord]\ngateway_url = \"{}\"\napi_url = \"{}\"\nshards = {}\n\
+                 [cluster]\npartitions = {}\n[storage]\ndata_dir = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
+                sim.gateway_url(),
+                sim.api_url(),
+                spec.shards,
+                spec.partitions,
+                data_dir.display()
+            ),
+        )
+        .unwrap();
+        let ready = dir.join("ready.json");
+        let stderr = dir.join("stderr.log");
+        let child = command()
+            .args(["run", "--config"])
+            .arg(&config)
+            .arg("--ready-file")
+            .arg(&ready)
+            .env("DISCORD_TOKEN", TOKEN)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("spawn shardlite run");
+        let mut node = NodeProcess {
+            child: Some(child),
+            dir: dir.to_owned(),
+            data_dir,
+            http: String::new(),
+            stderr,
+        };
+        let info: serde_json::Value = wait_for("the ready file", Duration::from_secs(60), async || {
+            if let Some(status) = node.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("shardlite run exited early with {status}:\n{}", node.stderr_text());
+            }
+            let text = std::fs::read_to_string(&ready).ok()?;
+            serde_json::from_str(&text).ok()
+        })
+        .await;
+        node.http = info["http"].as_str().unwrap().to_owned();
+        node
+    }
+
+    /// GET /readyz, parsed (ready or not).
+    pub async fn status(&self) -> Option<NodeStatus> {
+        let resp = reqwest::get(format!("http://{}/readyz", self.http)).await.ok()?;
+        resp.json().await.ok()
+    }
+
+    /// Waits until every partition committed the simulator's current session up to its last seq.
+    pub async fn wait_caught_up(&self, sim: &Simulator, deadline: Duration) {
+        wait_for("the node to commit every dispatch", deadline, async || {
+            let status = self.status().await?;
+            shardlite::demo::caught_up(&sim.status(), &status).then_some(())
+        })
+        .await;
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub async fn stop(mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        let pid = child.id().to_string();
+        let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(killed.success(), "kill -TERM {pid}");
+        let status = wait_for("shardlite run to exit", Duration::from_secs(60), async || {
+            child.try_wait().unwrap()
+        })
+        .await;
+        status
+    }
+
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Everything the process wrote to stderr so far.
+    pub fn stderr_text(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Best effort: the test is already failing or finished.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- shardlite stderr ({}) ---\n{}", self.dir.display(), self.stderr_text());
+        }
+    }
+}

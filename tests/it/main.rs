@@ -1,0 +1,5 @@
+//! Integration tests: the real binary against the in-process simulator, one test binary.
+
+mod bad_input;
+mod harness;
+mod ingest;
