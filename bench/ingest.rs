@@ -25,8 +25,16 @@ struct Scenario {
 }
 
 const SCENARIOS: &[Scenario] = &[
-    Scenario { name: "small", guilds: 2_000, messages: 200_000 },
-    Scenario { name: "large", guilds: 20_000, messages: 200_000 },
+    Scenario {
+        name: "small",
+        guilds: 2_000,
+        messages: 200_000,
+    },
+    Scenario {
+        name: "large",
+        guilds: 20_000,
+        messages: 200_000,
+    },
 ];
 
 fn peak_rss_mib(pid: u32) -> f64 {
@@ -48,7 +56,10 @@ async fn run(s: &Scenario) {
     })
     .await
     .unwrap();
-    let spec = NodeSpec { shards: 4, partitions: 64 };
+    let spec = NodeSpec {
+        shards: 4,
+        partitions: 64,
+    };
     let started = Instant::now();
     let node = NodeProcess::start(dir.path(), &sim, &spec).await;
     sim.wait_all_sent(Duration::from_secs(600)).await.unwrap();
@@ -77,8 +88,14 @@ async fn run(s: &Scenario) {
 
 fn main() {
     let wanted = std::env::var("INGEST_SCENARIOS").unwrap_or_else(|_| "small,large".into());
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    for s in SCENARIOS.iter().filter(|s| wanted.split(',').any(|w| w == s.name)) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for s in SCENARIOS
+        .iter()
+        .filter(|s| wanted.split(',').any(|w| w == s.name))
+    {
         rt.block_on(run(s));
     }
 }

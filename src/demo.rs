@@ -114,7 +114,11 @@ impl std::fmt::Display for DemoReport {
         write!(
             f,
             "result              {}",
-            if v.is_exact() { "OK: every message stored exactly once" } else { "FAILED" }
+            if v.is_exact() {
+                "OK: every message stored exactly once"
+            } else {
+                "FAILED"
+            }
         )
     }
 }
@@ -163,8 +167,10 @@ pub async fn run(args: &DemoArgs) -> Result<DemoReport, DemoError> {
         ProgressBar::new(args.messages)
     };
     bar.set_style(
-        ProgressStyle::with_template("{spinner} {msg:12} [{bar:40}] {pos}/{len} messages ({per_sec})")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{spinner} {msg:12} [{bar:40}] {pos}/{len} messages ({per_sec})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_message("ingesting");
 

@@ -75,7 +75,10 @@ pub fn verify(
     let mut stored_ids: Vec<u64> = Vec::new();
     let mut stored_guilds: BTreeMap<u64, GuildCounts> = BTreeMap::new();
     for partition in (0..topology.partitions()).map(PartitionId) {
-        let store = PartitionStore::open_read_only(&PartitionStore::path_in(data_dir, partition), partition)?;
+        let store = PartitionStore::open_read_only(
+            &PartitionStore::path_in(data_dir, partition),
+            partition,
+        )?;
         let counts = store.counts()?;
         v.totals += counts;
         // message_stats counts guild messages once each; more means a create was applied twice.
@@ -142,7 +145,13 @@ pub fn verify(
         );
         let stored = stored_guilds.get(guild_id).copied();
         let matches = stored.is_some_and(|s| {
-            (s.channels, s.roles, s.members, s.messages, s.messages_deleted) == want
+            (
+                s.channels,
+                s.roles,
+                s.members,
+                s.messages,
+                s.messages_deleted,
+            ) == want
                 && s.message_stats_total == g.messages_created
         });
         if !matches {

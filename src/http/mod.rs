@@ -27,7 +27,10 @@ pub fn router(status: StatusHandle) -> Router {
 
 async fn readyz(State(status): State<StatusHandle>) -> impl IntoResponse {
     match status.status(STATUS_TIMEOUT).await {
-        Ok(s) if s.ready => (StatusCode::OK, Json(serde_json::to_value(s).unwrap_or_default())),
+        Ok(s) if s.ready => (
+            StatusCode::OK,
+            Json(serde_json::to_value(s).unwrap_or_default()),
+        ),
         Ok(s) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(serde_json::to_value(s).unwrap_or_default()),
@@ -48,5 +51,7 @@ pub async fn serve(
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
 }

@@ -61,7 +61,10 @@ impl IdentifyQueue {
     /// Reserves the next identify slot of `shard`'s bucket and returns when it is: no earlier than
     /// the bucket's last identify + 5 s, and after the daily reset if the budget is spent.
     fn reserve_slot(&self, shard: u32) -> Instant {
-        let mut st = self.state.lock().expect("identify queue lock is never poisoned");
+        let mut st = self
+            .state
+            .lock()
+            .expect("identify queue lock is never poisoned");
         let now = Instant::now();
         if now >= st.reset_at {
             st.spendable = st.total.saturating_sub(st.reserve);
@@ -70,8 +73,12 @@ impl IdentifyQueue {
         let bucket = shard as usize % st.buckets.len();
         let mut at = st.buckets[bucket].max(now);
         if st.spendable == 0 {
-            tracing::warn!(shard, reserve = st.reserve, wait_secs = st.reset_at.saturating_duration_since(now).as_secs(),
-                "daily identify budget spent down to the reserve; waiting for Discord's reset");
+            tracing::warn!(
+                shard,
+                reserve = st.reserve,
+                wait_secs = st.reset_at.saturating_duration_since(now).as_secs(),
+                "daily identify budget spent down to the reserve; waiting for Discord's reset"
+            );
             at = at.max(st.reset_at);
             st.spendable = st.total.saturating_sub(st.reserve);
             st.reset_at += BUDGET_PERIOD;

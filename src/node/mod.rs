@@ -28,8 +28,8 @@ use crate::config::Config;
 use crate::ownership::Topology;
 use identify_queue::IdentifyQueue;
 use restart::RestartPolicy;
-use root::{NodeActor, NodeArgs, NodeMsg};
 pub use root::NodeStatus;
+use root::{NodeActor, NodeArgs, NodeMsg};
 
 /// What every actor of the tree shares, read-only.
 pub struct NodeContext {
@@ -80,7 +80,10 @@ pub async fn call<M: Message, T: Send + 'static>(
     msg: impl FnOnce(RpcReplyPort<T>) -> M,
     timeout: Duration,
 ) -> Result<T, NodeError> {
-    let what = std::any::type_name::<M>().rsplit("::").next().unwrap_or("actor");
+    let what = std::any::type_name::<M>()
+        .rsplit("::")
+        .next()
+        .unwrap_or("actor");
     match actor.call(msg, Some(timeout)).await {
         Ok(CallResult::Success(v)) => Ok(v),
         Ok(CallResult::Timeout) => Err(NodeError::Call {
@@ -115,12 +118,19 @@ impl Node {
     /// [`NodeError::MissingToken`], [`NodeError::GatewayBot`]/[`NodeError::GatewayBotStatus`],
     /// or [`NodeError::Start`] if a group cannot start (e.g. a partition file is not a database).
     pub async fn start(config: Config) -> Result<Node, NodeError> {
-        let token = config.discord.token.clone().ok_or(NodeError::MissingToken)?;
+        let token = config
+            .discord
+            .token
+            .clone()
+            .ok_or(NodeError::MissingToken)?;
         let topology = config.topology();
         let info = discord::gateway_bot(&config.discord.api_url, &token).await?;
         if info.shards > topology.shards() {
-            tracing::warn!(recommended = info.shards, configured = topology.shards(),
-                "Discord recommends more shards than discord.shards; plan a reshard");
+            tracing::warn!(
+                recommended = info.shards,
+                configured = topology.shards(),
+                "Discord recommends more shards than discord.shards; plan a reshard"
+            );
         }
         let gateway_url = config
             .discord
@@ -185,7 +195,10 @@ impl Node {
     pub async fn shutdown(self) -> Result<(), NodeError> {
         let result = call(&self.actor, NodeMsg::Shutdown, self.shutdown_timeout).await;
         self.actor.stop(None);
-        if tokio::time::timeout(self.shutdown_timeout, self.join).await.is_err() {
+        if tokio::time::timeout(self.shutdown_timeout, self.join)
+            .await
+            .is_err()
+        {
             tracing::warn!("node did not stop in time");
         }
         if let Some(reason) = self.failure.lock().expect("not poisoned").take() {

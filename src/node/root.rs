@@ -78,9 +78,10 @@ impl Actor for NodeActor {
                 shard_id,
                 ctx: args.ctx.clone(),
             };
-            let (group, _) = Actor::spawn_linked(None, ShardGroupActor, group_args, myself.get_cell())
-                .await
-                .map_err(|e| format!("shard group {shard_id}: {e}"))?;
+            let (group, _) =
+                Actor::spawn_linked(None, ShardGroupActor, group_args, myself.get_cell())
+                    .await
+                    .map_err(|e| format!("shard group {shard_id}: {e}"))?;
             groups.push(group);
         }
         tracing::info!(ordinal, shards = ?topology.shards_of_pod(ordinal), "node started");
@@ -107,9 +108,11 @@ impl Actor for NodeActor {
             NodeMsg::Shutdown(reply) => {
                 state.stopping = true;
                 join_all(state.groups.iter().map(|g| {
-                    super::call(g, ShardGroupMsg::Shutdown, Duration::from_secs(
-                        state.ctx.config.supervision.shutdown_timeout_secs,
-                    ))
+                    super::call(
+                        g,
+                        ShardGroupMsg::Shutdown,
+                        Duration::from_secs(state.ctx.config.supervision.shutdown_timeout_secs),
+                    )
                 }))
                 .await
                 .into_iter()
@@ -163,7 +166,9 @@ impl NodeState {
         let ready = groups.len() == self.groups.len()
             && groups.iter().all(|g| {
                 g.partitions.len() == per_shard
-                    && g.shard_status.as_ref().is_some_and(|s| s.phase == ShardPhase::Active)
+                    && g.shard_status
+                        .as_ref()
+                        .is_some_and(|s| s.phase == ShardPhase::Active)
             });
         NodeStatus {
             ordinal: self.ctx.config.cluster.ordinal,

@@ -15,7 +15,9 @@ use futures_util::StreamExt as _;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use twilight_gateway::error::ReceiveMessageErrorType;
-use twilight_gateway::{CloseFrame, Config, EventTypeFlags, Message, Session, Shard, ShardId, ShardState};
+use twilight_gateway::{
+    CloseFrame, Config, EventTypeFlags, Message, Session, Shard, ShardId, ShardState,
+};
 use twilight_model::gateway::event::{DispatchEvent, Event, GatewayEvent};
 
 use super::identify_queue::IdentifyQueue;
@@ -258,7 +260,8 @@ impl Actor for ShardActor {
             ShardMsg::Close(reply) => {
                 let (tx, rx) = oneshot::channel();
                 let last = if state.control.send(tx).is_ok() {
-                    rx.await.unwrap_or_else(|_| state.live.last_seq.load(Ordering::Relaxed))
+                    rx.await
+                        .unwrap_or_else(|_| state.live.last_seq.load(Ordering::Relaxed))
                 } else {
                     state.live.last_seq.load(Ordering::Relaxed)
                 };
@@ -281,10 +284,13 @@ impl Actor for ShardActor {
                 }
             }
             ShardMsg::PumpExited(PumpExit::Fatal { code }) => {
-                tracing::error!(shard = state.shard_id, code,
+                tracing::error!(
+                    shard = state.shard_id,
+                    code,
                     "Discord closed the shard with a fatal code; not retrying. 4004: check DISCORD_TOKEN; \
                      4010/4011: check discord.shards; 4013/4014: check discord.intents and the bot's \
-                     privileged intents in the developer portal");
+                     privileged intents in the developer portal"
+                );
                 myself.stop(Some(format!("{FATAL_PREFIX}{code}")));
             }
             ShardMsg::PumpExited(PumpExit::Ended) => {
@@ -360,9 +366,14 @@ impl Pump {
         };
         if let PumpExit::Fatal { code } = exit {
             self.live.fatal.store(true, Ordering::Relaxed);
-            self.live.fatal_code.store(u32::from(code), Ordering::Relaxed);
+            self.live
+                .fatal_code
+                .store(u32::from(code), Ordering::Relaxed);
         }
-        self.live.phase.store(ShardPhase::from_state(self.shard.state()).to_u8(), Ordering::Relaxed);
+        self.live.phase.store(
+            ShardPhase::from_state(self.shard.state()).to_u8(),
+            Ordering::Relaxed,
+        );
         // If the actor is gone, so is whoever could act on this.
         let _ = actor.cast(ShardMsg::PumpExited(exit));
     }
@@ -379,9 +390,10 @@ impl Pump {
         item: Result<Message, twilight_gateway::error::ReceiveMessageError>,
     ) -> Option<PumpExit> {
         self.live.touch();
-        self.live
-            .phase
-            .store(ShardPhase::from_state(self.shard.state()).to_u8(), Ordering::Relaxed);
+        self.live.phase.store(
+            ShardPhase::from_state(self.shard.state()).to_u8(),
+            Ordering::Relaxed,
+        );
         match item {
             Ok(Message::Text(text)) => {
                 self.on_text(text).await;
@@ -412,7 +424,9 @@ impl Pump {
         let parsed = twilight_gateway::parse(text, EventTypeFlags::all());
         // twilight has already tracked this frame's sequence, whatever its payload.
         if let Some(session) = self.shard.session() {
-            self.live.last_seq.store(session.sequence(), Ordering::Relaxed);
+            self.live
+                .last_seq
+                .store(session.sequence(), Ordering::Relaxed);
         }
         let (seq, event) = match parsed {
             Ok(Some(GatewayEvent::Dispatch(seq, event))) => (seq, event),
@@ -432,7 +446,8 @@ impl Pump {
         match &event {
             DispatchEvent::Ready(ready) => {
                 self.live.identifies.fetch_add(1, Ordering::Relaxed);
-                *self.live.session_id.lock().expect("not poisoned") = Some(ready.session_id.clone());
+                *self.live.session_id.lock().expect("not poisoned") =
+                    Some(ready.session_id.clone());
                 let start = SessionStart {
                     shard_id: self.shard_id,
                     shard_total: self.topology.shards(),
@@ -462,7 +477,13 @@ impl Pump {
             Ok(permit) => permit.forget(),
             Err(_) => return, // closed only when the group is going away
         }
-        self.send(&self.partitions[index], Op::Dispatch { seq, event: Box::new(event) });
+        self.send(
+            &self.partitions[index],
+            Op::Dispatch {
+                seq,
+                event: Box::new(event),
+            },
+        );
     }
 
     /// Finds the partition of a dispatch: its guild's (DESIGN §2), or the shard's home partition for
@@ -526,7 +547,9 @@ impl Pump {
             }
         }
         if let Some(session) = self.shard.session() {
-            self.live.last_seq.store(session.sequence(), Ordering::Relaxed);
+            self.live
+                .last_seq
+                .store(session.sequence(), Ordering::Relaxed);
         }
     }
 }

@@ -172,7 +172,10 @@ impl Actor for ShardGroupActor {
 
 impl ShardGroupState {
     /// Spawns the partitions, reads what they committed, then spawns the shard resuming from it.
-    async fn start_children(&mut self, myself: &ActorRef<ShardGroupMsg>) -> Result<(), ActorProcessingErr> {
+    async fn start_children(
+        &mut self,
+        myself: &ActorRef<ShardGroupMsg>,
+    ) -> Result<(), ActorProcessingErr> {
         let ctx = &self.ctx;
         let topology = ctx.topology;
         let storage = &ctx.config.storage;
@@ -224,7 +227,9 @@ impl ShardGroupState {
     }
 
     fn is_current_shard(&self, cell: &ActorCell) -> bool {
-        self.shard.as_ref().is_some_and(|s| s.get_id() == cell.get_id())
+        self.shard
+            .as_ref()
+            .is_some_and(|s| s.get_id() == cell.get_id())
     }
 
     fn is_current_child(&self, cell: &ActorCell) -> bool {
@@ -235,7 +240,10 @@ impl ShardGroupState {
     async fn stop_children(&mut self) {
         let shard = self.shard.take().map(|s| s.get_cell());
         let partitions = std::mem::take(&mut self.partitions);
-        for cell in shard.into_iter().chain(partitions.iter().map(ActorRef::get_cell)) {
+        for cell in shard
+            .into_iter()
+            .chain(partitions.iter().map(ActorRef::get_cell))
+        {
             if cell.stop_and_wait(None, Some(STOP_TIMEOUT)).await.is_err() {
                 cell.kill();
             }
@@ -245,7 +253,9 @@ impl ShardGroupState {
     async fn shutdown(&mut self) {
         if let Some(shard) = &self.shard {
             match super::call(shard, ShardMsg::Close, CALL_TIMEOUT).await {
-                Ok(seq) => tracing::info!(shard = self.shard_id, seq, "shard closed with resume code"),
+                Ok(seq) => {
+                    tracing::info!(shard = self.shard_id, seq, "shard closed with resume code")
+                }
                 Err(e) => tracing::warn!(shard = self.shard_id, error = %e, "shard close failed"),
             }
         }

@@ -83,7 +83,10 @@ pub(crate) async fn serve(
     })
     .await;
     if drained.is_err() {
-        debug!(open = conns.len(), "aborting gateway connections after shutdown grace");
+        debug!(
+            open = conns.len(),
+            "aborting gateway connections after shutdown grace"
+        );
         conns.abort_all();
     }
 }
@@ -178,7 +181,12 @@ async fn connection(rt: Arc<Runtime>, tcp: TcpStream, id: u64, shutdown: watch::
             return;
         }
     };
-    let mut conn = Conn { rt, ws, id, stream: None };
+    let mut conn = Conn {
+        rt,
+        ws,
+        id,
+        stream: None,
+    };
     let end = conn.run(shutdown).await;
     if let Some(stream) = &conn.stream {
         conn.rt.disconnected(stream.shard, id);
@@ -196,7 +204,9 @@ pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 
 /// Wait until the shard's owner is no longer `id` (never returns when `owner` is `None`).
 async fn superseded(owner: Option<&mut watch::Receiver<u64>>, id: u64) {
-    let Some(owner) = owner else { return std::future::pending().await };
+    let Some(owner) = owner else {
+        return std::future::pending().await;
+    };
     loop {
         if *owner.borrow_and_update() != id {
             return;
@@ -228,7 +238,11 @@ impl Conn {
             let streaming = self.stream.as_ref().is_some_and(|s| !s.script_done);
             let pacer = self.rt.pacer.clone();
             // Tokens already granted for this turn (unpaced: always a full batch).
-            let mut granted = if streaming { take_tokens(pacer.as_deref(), BATCH) } else { 0 };
+            let mut granted = if streaming {
+                take_tokens(pacer.as_deref(), BATCH)
+            } else {
+                0
+            };
             let wake = {
                 let Conn { ws, stream, id, .. } = self;
                 tokio::select! {
@@ -241,12 +255,16 @@ impl Conn {
                 }
             };
             let result = match wake {
-                Wake::Shutdown => Err(self.close_now(close::GOING_AWAY, "simulator shutting down").await),
+                Wake::Shutdown => Err(self
+                    .close_now(close::GOING_AWAY, "simulator shutting down")
+                    .await),
                 Wake::Superseded => {
                     if let Some(stream) = &self.stream {
                         info!(shard = stream.shard, session = %stream.session, "connection superseded");
                     }
-                    Err(self.close(close::UNKNOWN_ERROR, "Superseded by a newer connection.").await)
+                    Err(self
+                        .close(close::UNKNOWN_ERROR, "Superseded by a newer connection.")
+                        .await)
                 }
                 Wake::Frame(frame) => self.on_frame(frame).await,
                 Wake::Send => Ok(()),
@@ -281,7 +299,12 @@ impl Conn {
             Some(Ok(message)) => message,
         };
         if message.is_close() {
-            // tokio-websockets queues the close reply; the next poll flushes it and ends.
+            // tokio-websockets has queued the close reply; only polling again sends it (and then
+            // ends the stream). Discord echoes the close frame, and a client that initiated the
+            // close (twilight closing with 4000 to keep its session) waits for that echo: without
+            // it the client sees a dropped connection and reconnects.
+            // A client that vanishes before the echo is gone either way.
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.ws.next()).await;
             return Err(End::ClientGone);
         }
         let Some(text) = message.as_text() else {
@@ -291,7 +314,9 @@ impl Conn {
             Ok(command) => command,
             Err(error) => {
                 debug!(%error, "undecodable client payload");
-                return Err(self.close(close::DECODE_ERROR, "Error while decoding payload.").await);
+                return Err(self
+                    .close(close::DECODE_ERROR, "Error while decoding payload.")
+                    .await);
             }
         };
         match command.op {
@@ -303,25 +328,35 @@ impl Conn {
             6 => self.resume(command.d).await,
             // Presence, voice state and request-guild-members are accepted and ignored.
             3 | 4 | 8 if self.stream.is_some() => Ok(()),
-            3 | 4 | 8 => Err(self.close(close::NOT_AUTHENTICATED, "Not authenticated.").await),
+            3 | 4 | 8 => Err(self
+                .close(close::NOT_AUTHENTICATED, "Not authenticated.")
+                .await),
             _ => Err(self.close(close::UNKNOWN_OPCODE, "Unknown opcode.").await),
         }
     }
 
     async fn identify(&mut self, d: serde_json::Value) -> Result<(), End> {
         if self.stream.is_some() {
-            return Err(self.close(close::ALREADY_AUTHENTICATED, "Already authenticated.").await);
+            return Err(self
+                .close(close::ALREADY_AUTHENTICATED, "Already authenticated.")
+                .await);
         }
         let Ok(identify) = serde_json::from_value::<Identify>(d) else {
-            return Err(self.close(close::DECODE_ERROR, "Error while decoding payload.").await);
+            return Err(self
+                .close(close::DECODE_ERROR, "Error while decoding payload.")
+                .await);
         };
         if !self.token_ok(&identify.token) {
-            return Err(self.close(close::AUTHENTICATION_FAILED, "Authentication failed.").await);
+            return Err(self
+                .close(close::AUTHENTICATION_FAILED, "Authentication failed.")
+                .await);
         }
         let [shard, total] = identify.shard.unwrap_or([0, 1]);
         let expected = u64::from(self.rt.config.shards);
         if total < expected {
-            return Err(self.close(close::SHARDING_REQUIRED, "Sharding required.").await);
+            return Err(self
+                .close(close::SHARDING_REQUIRED, "Sharding required.")
+                .await);
         }
         if total != expected || shard >= total {
             return Err(self.close(close::INVALID_SHARD, "Invalid shard.").await);
@@ -335,13 +370,19 @@ impl Conn {
 
     async fn resume(&mut self, d: serde_json::Value) -> Result<(), End> {
         if self.stream.is_some() {
-            return Err(self.close(close::ALREADY_AUTHENTICATED, "Already authenticated.").await);
+            return Err(self
+                .close(close::ALREADY_AUTHENTICATED, "Already authenticated.")
+                .await);
         }
         let Ok(resume) = serde_json::from_value::<Resume>(d) else {
-            return Err(self.close(close::DECODE_ERROR, "Error while decoding payload.").await);
+            return Err(self
+                .close(close::DECODE_ERROR, "Error while decoding payload.")
+                .await);
         };
         if !self.token_ok(&resume.token) {
-            return Err(self.close(close::AUTHENTICATION_FAILED, "Authentication failed.").await);
+            return Err(self
+                .close(close::AUTHENTICATION_FAILED, "Authentication failed.")
+                .await);
         }
         // A session id names its shard; try the shard it names, then all (ids are unique).
         let seq = resume.seq.unwrap_or(0);
@@ -353,7 +394,9 @@ impl Conn {
             }
         }
         info!(session = %resume.session_id, seq, "resume of unknown session");
-        self.ws.send(Message::text(payload::INVALID_SESSION)).await?;
+        self.ws
+            .send(Message::text(payload::INVALID_SESSION))
+            .await?;
         Ok(())
     }
 
@@ -391,7 +434,9 @@ impl Conn {
         match self.rt.claim(shard, self.id, &session, granted) {
             Claim::Superseded => {
                 give_back(pacer.as_deref(), granted);
-                Err(self.close(close::UNKNOWN_ERROR, "Superseded by a newer connection.").await)
+                Err(self
+                    .close(close::UNKNOWN_ERROR, "Superseded by a newer connection.")
+                    .await)
             }
             Claim::Events { items, script_done } => {
                 stream.script_done = script_done;
@@ -405,7 +450,12 @@ impl Conn {
     }
 
     /// Render, feed and flush `items`, then record them as delivered.
-    async fn write(&mut self, shard: u32, session: &Arc<str>, items: &[Outgoing]) -> Result<(), End> {
+    async fn write(
+        &mut self,
+        shard: u32,
+        session: &Arc<str>,
+        items: &[Outgoing],
+    ) -> Result<(), End> {
         if items.is_empty() {
             return Ok(());
         }

@@ -20,7 +20,9 @@
 //! - A shard's script cursor only moves forward: a script event is sent as a non-replay at most
 //!   once, whatever clients do; a new session continues the script where the last one stopped.
 //! - One live connection per shard: a newer IDENTIFY/RESUME for a shard closes the older
-//!   connection with close code 4000.
+//!   connection with close code 4000. That code is reconnectable, so a client that is still
+//!   alive resumes and takes the shard back: run one client per shard.
+//! - Sessions never expire: any session of a shard can be resumed while the simulator runs.
 //! - Sequence numbers are per session, start at 1 (READY) and have no gaps.
 //! - Intents are not enforced: every shard gets every event of its guilds.
 //!
@@ -134,7 +136,11 @@ impl fmt::Debug for SimConfig {
 impl SimConfig {
     /// Check the rules documented on the fields.
     fn validate(&self) -> Result<(), SimError> {
-        let invalid = |reason: &str| Err(SimError::InvalidConfig { reason: reason.to_owned() });
+        let invalid = |reason: &str| {
+            Err(SimError::InvalidConfig {
+                reason: reason.to_owned(),
+            })
+        };
         if self.shards == 0 {
             return invalid("shards must be at least 1");
         }
@@ -177,7 +183,9 @@ pub enum SimError {
         source: std::io::Error,
     },
     /// [`Simulator::wait_all_sent`] ran out of time.
-    #[error("timed out after {timeout:?} waiting for every script to be sent ({sent} of {total} events sent)")]
+    #[error(
+        "timed out after {timeout:?} waiting for every script to be sent ({sent} of {total} events sent)"
+    )]
     WaitAllSent {
         /// The timeout given.
         timeout: Duration,
@@ -360,12 +368,15 @@ impl Simulator {
             shutdown_rx.clone(),
         ))];
         if let (Some(pacer), Some(rate)) = (rt.pacer.clone(), rt.config.rate) {
-            tasks.push(tokio::spawn(gateway::pace(pacer, rate, shutdown_rx.clone())));
+            tasks.push(tokio::spawn(gateway::pace(
+                pacer,
+                rate,
+                shutdown_rx.clone(),
+            )));
         }
         let mut api_shutdown = shutdown_rx;
-        let api = axum::serve(api_listener, api::router(rt.clone())).with_graceful_shutdown(
-            async move { gateway::stopped(&mut api_shutdown).await },
-        );
+        let api = axum::serve(api_listener, api::router(rt.clone()))
+            .with_graceful_shutdown(async move { gateway::stopped(&mut api_shutdown).await });
         tasks.push(tokio::spawn(async move {
             if let Err(error) = api.await {
                 warn!(%error, "simulator api server failed");
@@ -376,34 +387,42 @@ impl Simulator {
         Ok(Simulator {
             rt,
             api_url,
-            guard: Arc::new(Guard { shutdown, tasks: Mutex::new(tasks) }),
+            guard: Arc::new(Guard {
+                shutdown,
+                tasks: Mutex::new(tasks),
+            }),
         })
     }
 
     /// Gateway base URL, `ws://127.0.0.1:PORT` without a trailing slash; clients append
     /// `/?v=10&encoding=json` (any request path is accepted). Also READY's
     /// `resume_gateway_url`.
+    #[must_use]
     pub fn gateway_url(&self) -> String {
         self.rt.gateway_url.clone()
     }
 
     /// REST base URL without a version, `http://127.0.0.1:PORT/api`, like Discord's
     /// `https://discord.com/api`.
+    #[must_use]
     pub fn api_url(&self) -> String {
         self.api_url.clone()
     }
 
     /// Every dispatch sent so far, in send order, replays included (flagged `replay`).
+    #[must_use]
     pub fn record(&self) -> Vec<SentDispatch> {
         self.rt.record()
     }
 
     /// Progress snapshot.
+    #[must_use]
     pub fn status(&self) -> SimStatus {
         self.rt.status()
     }
 
     /// The world after the whole script (independent of what was sent so far).
+    #[must_use]
     pub fn expected(&self) -> Expected {
         self.rt.world.expected.clone()
     }
@@ -431,7 +450,11 @@ impl Simulator {
     pub async fn shutdown(self) {
         self.guard.shutdown.send_replace(true);
         let tasks = std::mem::take(
-            &mut *self.guard.tasks.lock().unwrap_or_else(PoisonError::into_inner),
+            &mut *self
+                .guard
+                .tasks
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
         );
         for task in tasks {
             if let Err(error) = task.await {
@@ -442,9 +465,14 @@ impl Simulator {
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, SimError> {
-    TcpListener::bind(addr).await.map_err(|source| SimError::Bind { addr, source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| SimError::Bind { addr, source })
 }
 
 fn local_addr(listener: &TcpListener, name: &'static str) -> Result<SocketAddr, SimError> {
-    listener.local_addr().map_err(|source| SimError::LocalAddr { listener: name, source })
+    listener.local_addr().map_err(|source| SimError::LocalAddr {
+        listener: name,
+        source,
+    })
 }

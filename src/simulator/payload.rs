@@ -19,14 +19,22 @@ const WORDS: [&str; 64] = [
     "beacon", "birch", "bison", "breeze", "brook", "cabin", "canyon", "cedar", "cinder", "clover",
     "comet", "coral", "crane", "delta", "dune", "ember", "falcon", "fern", "fjord", "flint",
     "forest", "frost", "garnet", "glacier", "harbor", "hazel", "heron", "island", "ivy", "jade",
-    "juniper", "kestrel", "lagoon", "lantern", "maple", "meadow", "mesa", "nebula", "oak",
-    "orbit", "otter", "pebble", "pine", "prairie", "quartz", "raven", "ridge", "river", "sage",
-    "summit", "thistle", "tundra", "willow", "zephyr",
+    "juniper", "kestrel", "lagoon", "lantern", "maple", "meadow", "mesa", "nebula", "oak", "orbit",
+    "otter", "pebble", "pine", "prairie", "quartz", "raven", "ridge", "river", "sage", "summit",
+    "thistle", "tundra", "willow", "zephyr",
 ];
 
 /// Guild name suffixes.
-const GUILD_KINDS: [&str; 8] =
-    ["Club", "Guild", "Hub", "Lounge", "Collective", "Society", "Crew", "Den"];
+const GUILD_KINDS: [&str; 8] = [
+    "Club",
+    "Guild",
+    "Hub",
+    "Lounge",
+    "Collective",
+    "Society",
+    "Crew",
+    "Den",
+];
 
 /// A frame of truncated JSON (a MESSAGE_CREATE cut in half). Its `"s"` is `null`, so a client
 /// scanning for the sequence (twilight does) finds none: the frame takes no sequence number.
@@ -71,9 +79,12 @@ pub(crate) fn describe(
     match entry {
         LogEntry::Ready => (DispatchKind::Ready, None, None, false),
         LogEntry::Resumed => (DispatchKind::Resumed, None, None, false),
-        LogEntry::GuildCreate { guild, .. } => {
-            (DispatchKind::GuildCreate, Some(world.guilds[guild as usize].id), None, false)
-        }
+        LogEntry::GuildCreate { guild, .. } => (
+            DispatchKind::GuildCreate,
+            Some(world.guilds[guild as usize].id),
+            None,
+            false,
+        ),
         LogEntry::Script { index } => {
             let event = world.scripts[shard as usize][index as usize];
             describe_script(world, event)
@@ -90,19 +101,37 @@ pub(crate) fn describe_script(
     match event {
         ScriptEvent::MessageCreate { message } => {
             let m = &world.messages[message as usize];
-            (DispatchKind::MessageCreate, guild_of(m.guild), Some(m.id), false)
+            (
+                DispatchKind::MessageCreate,
+                guild_of(m.guild),
+                Some(m.id),
+                false,
+            )
         }
         ScriptEvent::MessageUpdate { message, .. } => {
             let m = &world.messages[message as usize];
-            (DispatchKind::MessageUpdate, guild_of(m.guild), Some(m.id), false)
+            (
+                DispatchKind::MessageUpdate,
+                guild_of(m.guild),
+                Some(m.id),
+                false,
+            )
         }
         ScriptEvent::MessageDelete { message } => {
             let m = &world.messages[message as usize];
-            (DispatchKind::MessageDelete, guild_of(m.guild), Some(m.id), false)
+            (
+                DispatchKind::MessageDelete,
+                guild_of(m.guild),
+                Some(m.id),
+                false,
+            )
         }
-        ScriptEvent::MemberAdd { member } => {
-            (DispatchKind::GuildMemberAdd, guild_of(world.members[member as usize].guild), None, false)
-        }
+        ScriptEvent::MemberAdd { member } => (
+            DispatchKind::GuildMemberAdd,
+            guild_of(world.members[member as usize].guild),
+            None,
+            false,
+        ),
         ScriptEvent::MemberRemove { member } => (
             DispatchKind::GuildMemberRemove,
             guild_of(world.members[member as usize].guild),
@@ -132,9 +161,11 @@ pub(crate) fn dispatch(ctx: &RenderCtx<'_>, seq: u64, entry: LogEntry) -> String
             o
         }
         LogEntry::GuildCreate { guild, at } => guild_create(ctx.world, seq, guild, at),
-        LogEntry::Script { index } => {
-            script_event(ctx.world, seq, ctx.world.scripts[ctx.shard as usize][index as usize])
-        }
+        LogEntry::Script { index } => script_event(
+            ctx.world,
+            seq,
+            ctx.world.scripts[ctx.shard as usize][index as usize],
+        ),
     }
 }
 
@@ -150,7 +181,12 @@ pub(crate) fn script_event(world: &World, seq: u64, event: ScriptEvent) -> Strin
         }
         ScriptEvent::MessageUpdate { message, edited_ms } => {
             let mut o = frame_start(seq, "MESSAGE_UPDATE", 1024);
-            message_object(&mut o, world, &world.messages[message as usize], Some(edited_ms));
+            message_object(
+                &mut o,
+                world,
+                &world.messages[message as usize],
+                Some(edited_ms),
+            );
             o.push('}');
             o
         }
@@ -456,17 +492,28 @@ fn user_object(o: &mut String, user_id: u64) {
     o.push_str(r#"{"id":"#);
     o.id(user_id);
     o.push_str(r#","username":"#);
-    o.string(&format!("{}_{}{}", word(user_id, 0), word(user_id, 1), mix(user_id) % 1000));
-    o.push_str(r#","global_name":"#);
-    o.string(&format!("{} {}", capitalized(word(user_id, 0)), capitalized(word(user_id, 1))));
-    o.push_str(concat!(
-        r#","discriminator":"0","avatar":null,"public_flags":0}"#
+    o.string(&format!(
+        "{}_{}{}",
+        word(user_id, 0),
+        word(user_id, 1),
+        mix(user_id) % 1000
     ));
+    o.push_str(r#","global_name":"#);
+    o.string(&format!(
+        "{} {}",
+        capitalized(word(user_id, 0)),
+        capitalized(word(user_id, 1))
+    ));
+    o.push_str(r#","discriminator":"0","avatar":null,"public_flags":0}"#);
 }
 
 fn guild_name(guild: &GuildRec) -> String {
     let kind = GUILD_KINDS[(mix(guild.id ^ 0x9e37) % GUILD_KINDS.len() as u64) as usize];
-    format!("{} {} {kind}", capitalized(word(guild.id, 0)), capitalized(word(guild.id, 1)))
+    format!(
+        "{} {} {kind}",
+        capitalized(word(guild.id, 0)),
+        capitalized(word(guild.id, 1))
+    )
 }
 
 /// Message content, 20–200 characters of words, deterministic in (seed, message id, edit).
@@ -493,7 +540,8 @@ pub(crate) fn content(seed: u64, message_id: u64, edited_ms: u64) -> String {
 
 /// The `n`th name word derived from an id.
 fn word(id: u64, n: u32) -> &'static str {
-    WORDS[(mix(id.wrapping_add(u64::from(n).wrapping_mul(0x9e37_79b9))) % WORDS.len() as u64) as usize]
+    WORDS[(mix(id.wrapping_add(u64::from(n).wrapping_mul(0x9e37_79b9))) % WORDS.len() as u64)
+        as usize]
 }
 
 fn capitalized(w: &str) -> String {

@@ -55,7 +55,10 @@ pub(crate) enum Claim {
     /// Another connection took the shard over; this one must stop.
     Superseded,
     /// Up to the requested number of events (fewer or none when the script ends).
-    Events { items: Vec<Outgoing>, script_done: bool },
+    Events {
+        items: Vec<Outgoing>,
+        script_done: bool,
+    },
 }
 
 /// Compact record entry (the public [`SentDispatch`] is built on demand).
@@ -181,12 +184,20 @@ impl Runtime {
         let backlog = log
             .iter()
             .enumerate()
-            .map(|(i, e)| Outgoing { seq: Some(i as u64 + 1), entry: *e, replay: false })
+            .map(|(i, e)| Outgoing {
+                seq: Some(i as u64 + 1),
+                entry: *e,
+                replay: false,
+            })
             .collect();
         st.sessions.insert(session.clone(), log);
         st.current_session = Some(session.clone());
         st.identifies += 1;
-        Opened { session, backlog, script_done: self.script_done(&st, shard) }
+        Opened {
+            session,
+            backlog,
+            script_done: self.script_done(&st, shard),
+        }
     }
 
     /// RESUME: if `session` is a session of `shard` and `seq` is not ahead of it, `conn` takes
@@ -194,7 +205,10 @@ impl Runtime {
     /// the session is invalid (the caller sends op 9 `d: false`).
     pub(crate) fn resume(&self, shard: u32, session: &str, seq: u64, conn: u64) -> Option<Opened> {
         let mut st = lock(&self.shards[shard as usize]);
-        let (key, len) = st.sessions.get_key_value(session).map(|(k, v)| (k.clone(), v.len()))?;
+        let (key, len) = st
+            .sessions
+            .get_key_value(session)
+            .map(|(k, v)| (k.clone(), v.len()))?;
         if seq > len as u64 {
             return None;
         }
@@ -203,7 +217,11 @@ impl Runtime {
         let mut backlog: Vec<Outgoing> = log[seq as usize..]
             .iter()
             .enumerate()
-            .map(|(i, e)| Outgoing { seq: Some(seq + i as u64 + 1), entry: *e, replay: true })
+            .map(|(i, e)| Outgoing {
+                seq: Some(seq + i as u64 + 1),
+                entry: *e,
+                replay: true,
+            })
             .collect();
         log.push(LogEntry::Resumed);
         backlog.push(Outgoing {
@@ -213,7 +231,11 @@ impl Runtime {
         });
         st.current_session = Some(key.clone());
         st.resumes += 1;
-        Some(Opened { session: key, backlog, script_done: self.script_done(&st, shard) })
+        Some(Opened {
+            session: key,
+            backlog,
+            script_done: self.script_done(&st, shard),
+        })
     }
 
     fn take_over(&self, st: &mut ShardRt, shard: u32, conn: u64) {
@@ -246,9 +268,17 @@ impl Runtime {
             let entry = LogEntry::Script { index };
             if script[index as usize].takes_seq() {
                 log.push(entry);
-                items.push(Outgoing { seq: Some(log.len() as u64), entry, replay: false });
+                items.push(Outgoing {
+                    seq: Some(log.len() as u64),
+                    entry,
+                    replay: false,
+                });
             } else {
-                items.push(Outgoing { seq: None, entry, replay: false });
+                items.push(Outgoing {
+                    seq: None,
+                    entry,
+                    replay: false,
+                });
                 broken.push(index);
             }
         }
@@ -256,7 +286,10 @@ impl Runtime {
         for index in broken {
             self.mark_sent(st, shard, index);
         }
-        Claim::Events { items, script_done: end >= script.len() }
+        Claim::Events {
+            items,
+            script_done: end >= script.len(),
+        }
     }
 
     /// The frames in `items` were flushed to the socket of `session` on `shard`: record them

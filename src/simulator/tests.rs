@@ -20,7 +20,9 @@ use super::*;
 
 const TOKEN: &str = "simulated-token";
 
-fn parse(json: String) -> Result<Option<GatewayEvent>, twilight_gateway::error::ReceiveMessageError> {
+fn parse(
+    json: String,
+) -> Result<Option<GatewayEvent>, twilight_gateway::error::ReceiveMessageError> {
     twilight_gateway::parse(json, EventTypeFlags::all())
 }
 
@@ -32,17 +34,30 @@ fn dispatch(json: String) -> (u64, DispatchEvent) {
 }
 
 fn small_config() -> SimConfig {
-    SimConfig { guilds: 40, shards: 2, messages: 1_000, inject_malformed: true, ..SimConfig::default() }
+    SimConfig {
+        guilds: 40,
+        shards: 2,
+        messages: 1_000,
+        inject_malformed: true,
+        ..SimConfig::default()
+    }
 }
 
 #[test]
 fn every_payload_kind_parses_with_twilight() {
     let world = World::generate(&small_config());
     for shard in 0..world.shards {
-        let ctx = RenderCtx { world: &world, shard, session: "abc123", gateway_url: "ws://127.0.0.1:1" };
+        let ctx = RenderCtx {
+            world: &world,
+            shard,
+            session: "abc123",
+            gateway_url: "ws://127.0.0.1:1",
+        };
 
         let (seq, event) = dispatch(payload::dispatch(&ctx, 1, LogEntry::Ready));
-        let DispatchEvent::Ready(ready) = event else { panic!("{event:?}") };
+        let DispatchEvent::Ready(ready) = event else {
+            panic!("{event:?}")
+        };
         assert_eq!(seq, 1);
         assert_eq!(ready.session_id, "abc123");
         assert_eq!(ready.resume_gateway_url, "ws://127.0.0.1:1");
@@ -55,15 +70,33 @@ fn every_payload_kind_parses_with_twilight() {
         for &g in &world.shard_guilds[shard as usize] {
             let rec = &world.guilds[g as usize];
             for at in [0, end] {
-                let (_, event) = dispatch(payload::dispatch(&ctx, 2, LogEntry::GuildCreate { guild: g, at }));
-                let DispatchEvent::GuildCreate(create) = event else { panic!("{event:?}") };
-                let GuildCreate::Available(guild) = *create else { panic!("unavailable guild") };
+                let (_, event) = dispatch(payload::dispatch(
+                    &ctx,
+                    2,
+                    LogEntry::GuildCreate { guild: g, at },
+                ));
+                let DispatchEvent::GuildCreate(create) = event else {
+                    panic!("{event:?}")
+                };
+                let GuildCreate::Available(guild) = *create else {
+                    panic!("unavailable guild")
+                };
                 assert_eq!(guild.id.get(), rec.id);
                 assert_eq!(guild.roles.len(), rec.roles.len());
-                assert!(guild.roles.iter().any(|r| r.id.get() == rec.id), "@everyone");
-                assert!(guild.members.iter().any(|m| m.user.id == guild.owner_id), "owner listed");
+                assert!(
+                    guild.roles.iter().any(|r| r.id.get() == rec.id),
+                    "@everyone"
+                );
+                assert!(
+                    guild.members.iter().any(|m| m.user.id == guild.owner_id),
+                    "owner listed"
+                );
                 assert_eq!(guild.member_count, Some(guild.members.len() as u64));
-                let visible = rec.channels.iter().filter(|c| world.channel_visible(**c, at)).count();
+                let visible = rec
+                    .channels
+                    .iter()
+                    .filter(|c| world.channel_visible(**c, at))
+                    .count();
                 assert_eq!(guild.channels.len(), visible);
                 if at == end {
                     let exp = &world.expected.guilds[&rec.id];
@@ -75,11 +108,19 @@ fn every_payload_kind_parses_with_twilight() {
 
         let mut seen = HashSet::new();
         for (index, event) in script.iter().enumerate() {
-            let json = payload::dispatch(&ctx, 100 + index as u64, LogEntry::Script { index: index as u32 });
+            let json = payload::dispatch(
+                &ctx,
+                100 + index as u64,
+                LogEntry::Script {
+                    index: index as u32,
+                },
+            );
             match *event {
                 ScriptEvent::BrokenJson => {
                     assert!(parse(payload::BROKEN_FRAME.to_owned()).is_err());
-                    assert!(serde_json::from_str::<serde_json::Value>(payload::BROKEN_FRAME).is_err());
+                    assert!(
+                        serde_json::from_str::<serde_json::Value>(payload::BROKEN_FRAME).is_err()
+                    );
                     continue;
                 }
                 ScriptEvent::UnknownEvent => {
@@ -89,7 +130,10 @@ fn every_payload_kind_parses_with_twilight() {
                 }
                 ScriptEvent::MemberAddNoGuild { .. } => {
                     assert!(!json.contains("guild_id"));
-                    assert!(parse(json).is_err(), "member add without guild_id must not parse");
+                    assert!(
+                        parse(json).is_err(),
+                        "member add without guild_id must not parse"
+                    );
                     continue;
                 }
                 _ => {}
@@ -100,12 +144,23 @@ fn every_payload_kind_parses_with_twilight() {
                 (ScriptEvent::MessageCreate { message }, DispatchEvent::MessageCreate(m)) => {
                     let rec = &world.messages[message as usize];
                     assert_eq!(m.id.get(), rec.id);
-                    assert_eq!(m.guild_id.map(|g| g.get()), Some(world.guilds[rec.guild as usize].id));
+                    assert_eq!(
+                        m.guild_id.map(|g| g.get()),
+                        Some(world.guilds[rec.guild as usize].id)
+                    );
                     assert!((20..=200).contains(&m.content.len()), "{}", m.content);
                     assert!(m.member.is_some());
                     let snowflake_unix_ms = (rec.id >> 22) + super::world::DISCORD_EPOCH_MS;
-                    assert_eq!(m.timestamp.as_micros() / 1000, snowflake_unix_ms as i64, "timestamp = snowflake time");
-                    assert!((600..=1000).contains(&json.len()), "MESSAGE_CREATE is {} bytes", json.len());
+                    assert_eq!(
+                        m.timestamp.as_micros() / 1000,
+                        snowflake_unix_ms as i64,
+                        "timestamp = snowflake time"
+                    );
+                    assert!(
+                        (600..=1000).contains(&json.len()),
+                        "MESSAGE_CREATE is {} bytes",
+                        json.len()
+                    );
                     seen.insert("create");
                 }
                 (ScriptEvent::MessageUpdate { message, .. }, DispatchEvent::MessageUpdate(m)) => {
@@ -142,17 +197,47 @@ fn every_payload_kind_parses_with_twilight() {
     }
     let hello = parse(payload::hello(41_250));
     assert!(matches!(hello, Ok(Some(GatewayEvent::Hello(h))) if h.heartbeat_interval == 41_250));
-    assert!(matches!(parse(payload::HEARTBEAT_ACK.to_owned()), Ok(Some(GatewayEvent::HeartbeatAck))));
-    assert!(matches!(parse(payload::INVALID_SESSION.to_owned()), Ok(Some(GatewayEvent::InvalidateSession(false)))));
+    assert!(matches!(
+        parse(payload::HEARTBEAT_ACK.to_owned()),
+        Ok(Some(GatewayEvent::HeartbeatAck))
+    ));
+    assert!(matches!(
+        parse(payload::INVALID_SESSION.to_owned()),
+        Ok(Some(GatewayEvent::InvalidateSession(false)))
+    ));
 }
 
 #[test]
 fn invalid_configs_are_rejected() {
     for (config, word) in [
-        (SimConfig { shards: 0, ..SimConfig::default() }, "shards"),
-        (SimConfig { guilds: 0, ..SimConfig::default() }, "guild"),
-        (SimConfig { rate: Some(0), ..SimConfig::default() }, "rate"),
-        (SimConfig { messages: u64::from(u32::MAX) + 1, ..SimConfig::default() }, "messages"),
+        (
+            SimConfig {
+                shards: 0,
+                ..SimConfig::default()
+            },
+            "shards",
+        ),
+        (
+            SimConfig {
+                guilds: 0,
+                ..SimConfig::default()
+            },
+            "guild",
+        ),
+        (
+            SimConfig {
+                rate: Some(0),
+                ..SimConfig::default()
+            },
+            "rate",
+        ),
+        (
+            SimConfig {
+                messages: u64::from(u32::MAX) + 1,
+                ..SimConfig::default()
+            },
+            "messages",
+        ),
     ] {
         let err = config.validate().expect_err("invalid");
         assert!(err.to_string().contains(word), "{err}");
@@ -182,7 +267,12 @@ struct Seen {
 }
 
 /// Poll `shard` until `done(&seen)` or the deadline.
-async fn drive(shard: &mut Shard, deadline: Instant, seen: &mut Seen, done: impl Fn(&Seen) -> bool) {
+async fn drive(
+    shard: &mut Shard,
+    deadline: Instant,
+    seen: &mut Seen,
+    done: impl Fn(&Seen) -> bool,
+) {
     while !done(seen) {
         let item = timeout_at(deadline, shard.next_event(EventTypeFlags::all()))
             .await
@@ -238,15 +328,22 @@ async fn twilight_shards_receive_the_whole_world() {
     for id in 0..2 {
         let config = builder(&sim, TOKEN).build();
         let want_messages = shard_messages(&sim, id);
-        let want_guilds: BTreeSet<u64> =
-            expected.guilds.iter().filter(|(_, g)| g.shard == id).map(|(id, _)| *id).collect();
+        let want_guilds: BTreeSet<u64> = expected
+            .guilds
+            .iter()
+            .filter(|(_, g)| g.shard == id)
+            .map(|(id, _)| *id)
+            .collect();
         tasks.push(tokio::spawn(async move {
             let mut shard = Shard::with_config(ShardId::new(id, 2), config);
             let mut seen = Seen::default();
             let n = want_messages.len();
             drive(&mut shard, deadline, &mut seen, |s| s.messages.len() >= n).await;
             assert_eq!(seen.ready, 1);
-            assert_eq!(seen.guild_creates, want_guilds, "a GUILD_CREATE per guild of shard {id}");
+            assert_eq!(
+                seen.guild_creates, want_guilds,
+                "a GUILD_CREATE per guild of shard {id}"
+            );
             let got: BTreeSet<u64> = seen.messages.iter().copied().collect();
             assert_eq!(got.len(), seen.messages.len(), "no duplicates");
             assert_eq!(got, want_messages);
@@ -260,7 +357,9 @@ async fn twilight_shards_receive_the_whole_world() {
         all.extend(task.await.expect("shard task"));
     }
     assert_eq!(all.into_iter().collect::<Vec<_>>(), expected.message_ids);
-    sim.wait_all_sent(Duration::from_secs(5)).await.expect("all sent");
+    sim.wait_all_sent(Duration::from_secs(5))
+        .await
+        .expect("all sent");
 
     let record = sim.record();
     let mut recorded: Vec<u64> = record
@@ -270,10 +369,22 @@ async fn twilight_shards_receive_the_whole_world() {
         .collect();
     recorded.sort_unstable();
     assert_eq!(recorded, expected.message_ids);
-    assert_eq!(record.iter().filter(|d| d.malformed).count(), 4, "2 recorded faults per shard");
+    assert_eq!(
+        record.iter().filter(|d| d.malformed).count(),
+        4,
+        "2 recorded faults per shard"
+    );
     for shard in 0..2 {
-        let seqs: Vec<u64> = record.iter().filter(|d| d.shard == shard).map(|d| d.seq).collect();
-        assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "gapless seqs on {shard}");
+        let seqs: Vec<u64> = record
+            .iter()
+            .filter(|d| d.shard == shard)
+            .map(|d| d.seq)
+            .collect();
+        assert_eq!(
+            seqs,
+            (1..=seqs.len() as u64).collect::<Vec<_>>(),
+            "gapless seqs on {shard}"
+        );
     }
     let status = sim.status();
     assert!(status.all_sent);
@@ -298,7 +409,10 @@ async fn resume_replays_missed_dispatches_then_resumed() {
 
     let mut first = Shard::with_config(ShardId::new(0, 1), builder(&sim, TOKEN).build());
     let mut seen1 = Seen::default();
-    drive(&mut first, deadline, &mut seen1, |s| s.messages.len() >= 100).await;
+    drive(&mut first, deadline, &mut seen1, |s| {
+        s.messages.len() >= 100
+    })
+    .await;
     let session = first.session().cloned().expect("session after READY");
     assert!(session.sequence() > 100);
     drop(first); // no close frame: the socket just goes away
@@ -314,21 +428,36 @@ async fn resume_replays_missed_dispatches_then_resumed() {
     let mut seen2 = Seen::default();
     let mut got: BTreeSet<u64> = seen1.messages.iter().copied().collect();
     drive(&mut second, deadline, &mut seen2, |s| {
-        got.len() + s.messages.iter().filter(|m| !seen1.messages.contains(m)).count() >= want.len()
+        got.len()
+            + s.messages
+                .iter()
+                .filter(|m| !seen1.messages.contains(m))
+                .count()
+            >= want.len()
     })
     .await;
     got.extend(seen2.messages.iter().copied());
     assert_eq!(got, want, "nothing lost");
     assert_eq!(seen2.ready, 0, "resumed, not identified");
     let replayed = seen2.resumed_after.expect("RESUMED received");
-    assert!(replayed >= BEHIND as usize, "replayed {replayed} dispatches before RESUMED");
+    assert!(
+        replayed >= BEHIND as usize,
+        "replayed {replayed} dispatches before RESUMED"
+    );
     assert_eq!(second.session().map(Session::id), Some(session.id()));
 
     let record = sim.record();
     let replays: Vec<&SentDispatch> = record.iter().filter(|d| d.replay).collect();
     assert!(replays.len() >= BEHIND as usize);
-    assert!(replays.iter().all(|d| d.seq > resume_from && d.session == session.id()));
-    let resumed: Vec<&SentDispatch> = record.iter().filter(|d| d.kind == DispatchKind::Resumed).collect();
+    assert!(
+        replays
+            .iter()
+            .all(|d| d.seq > resume_from && d.session == session.id())
+    );
+    let resumed: Vec<&SentDispatch> = record
+        .iter()
+        .filter(|d| d.kind == DispatchKind::Resumed)
+        .collect();
     assert_eq!(resumed.len(), 1);
     assert!(resumed[0].seq > replays.iter().map(|d| d.seq).max().unwrap_or(0));
     let mut fresh: Vec<u64> = record
@@ -340,9 +469,14 @@ async fn resume_replays_missed_dispatches_then_resumed() {
     fresh.sort_unstable();
     fresh.dedup();
     assert_eq!(n, fresh.len(), "no script event sent twice as a non-replay");
-    sim.wait_all_sent(Duration::from_secs(5)).await.expect("all sent");
+    sim.wait_all_sent(Duration::from_secs(5))
+        .await
+        .expect("all sent");
     let status = sim.status();
-    assert_eq!((status.shards[0].identifies, status.shards[0].resumes), (1, 1));
+    assert_eq!(
+        (status.shards[0].identifies, status.shards[0].resumes),
+        (1, 1)
+    );
     sim.shutdown().await;
 }
 
@@ -359,7 +493,10 @@ async fn close_code(sim: &Simulator, token: &str, id: ShardId) -> u16 {
             let code = frame.expect("close frame").code;
             // Fatal codes end the stream.
             let next = timeout_at(deadline, shard.next_event(EventTypeFlags::all())).await;
-            assert!(matches!(next, Ok(None)), "stream ended after fatal close {code}");
+            assert!(
+                matches!(next, Ok(None)),
+                "stream ended after fatal close {code}"
+            );
             return code;
         }
     }
@@ -367,17 +504,25 @@ async fn close_code(sim: &Simulator, token: &str, id: ShardId) -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_token_and_bad_shard_are_closed_with_discord_codes() {
-    let sim = Simulator::start(SimConfig { guilds: 8, messages: 20, ..SimConfig::default() })
-        .await
-        .expect("start");
-    assert_eq!(close_code(&sim, "wrong-token", ShardId::new(0, 4)).await, 4004);
+    let sim = Simulator::start(SimConfig {
+        guilds: 8,
+        messages: 20,
+        ..SimConfig::default()
+    })
+    .await
+    .expect("start");
+    assert_eq!(
+        close_code(&sim, "wrong-token", ShardId::new(0, 4)).await,
+        4004
+    );
     assert_eq!(close_code(&sim, TOKEN, ShardId::new(0, 8)).await, 4010);
     assert_eq!(close_code(&sim, TOKEN, ShardId::new(0, 2)).await, 4011);
     assert!(sim.status().shards.iter().all(|s| s.identifies == 0));
     sim.shutdown().await;
 }
 
-type RawWs = tokio_websockets::WebSocketStream<tokio_websockets::MaybeTlsStream<tokio::net::TcpStream>>;
+type RawWs =
+    tokio_websockets::WebSocketStream<tokio_websockets::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn raw_connect(sim: &Simulator) -> RawWs {
     let uri = format!("{}/?v=10&encoding=json", sim.gateway_url());
@@ -391,11 +536,17 @@ async fn raw_connect(sim: &Simulator) -> RawWs {
 }
 
 async fn raw_next(ws: &mut RawWs, deadline: Instant) -> tokio_websockets::Message {
-    timeout_at(deadline, ws.next()).await.expect("deadline").expect("open").expect("frame")
+    timeout_at(deadline, ws.next())
+        .await
+        .expect("deadline")
+        .expect("open")
+        .expect("frame")
 }
 
 async fn raw_send(ws: &mut RawWs, json: serde_json::Value) {
-    ws.send(tokio_websockets::Message::text(json.to_string())).await.expect("send");
+    ws.send(tokio_websockets::Message::text(json.to_string()))
+        .await
+        .expect("send");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -415,17 +566,22 @@ async fn newer_connection_supersedes_older_and_script_never_repeats() {
 
     let mut old = raw_connect(&sim).await;
     let hello: serde_json::Value =
-        serde_json::from_str(raw_next(&mut old, deadline).await.as_text().expect("text")).expect("json");
+        serde_json::from_str(raw_next(&mut old, deadline).await.as_text().expect("text"))
+            .expect("json");
     assert_eq!(hello["op"], 10);
     raw_send(&mut old, serde_json::json!({"op": 1, "d": null})).await;
     let ack: serde_json::Value =
-        serde_json::from_str(raw_next(&mut old, deadline).await.as_text().expect("text")).expect("json");
+        serde_json::from_str(raw_next(&mut old, deadline).await.as_text().expect("text"))
+            .expect("json");
     assert_eq!(ack["op"], 11);
     raw_send(&mut old, identify.clone()).await;
     let mut old_messages = 0;
     while old_messages < 50 {
         let frame = raw_next(&mut old, deadline).await;
-        if frame.as_text().is_some_and(|t| t.contains(r#""t":"MESSAGE_CREATE""#)) {
+        if frame
+            .as_text()
+            .is_some_and(|t| t.contains(r#""t":"MESSAGE_CREATE""#))
+        {
             old_messages += 1;
         }
     }
@@ -443,7 +599,9 @@ async fn newer_connection_supersedes_older_and_script_never_repeats() {
     assert_eq!(code, 4000);
     // Answering the close (polling on) lets the server finish its side.
     while let Ok(Some(Ok(_))) = timeout_at(deadline, old.next()).await {}
-    sim.wait_all_sent(Duration::from_secs(10)).await.expect("all sent on the new connection");
+    sim.wait_all_sent(Duration::from_secs(10))
+        .await
+        .expect("all sent on the new connection");
     let record = sim.record();
     let mut script: Vec<u64> = record
         .iter()
@@ -451,7 +609,11 @@ async fn newer_connection_supersedes_older_and_script_never_repeats() {
         .filter_map(|d| d.message_id)
         .collect();
     script.sort_unstable();
-    assert_eq!(script, sim.expected().message_ids, "every message exactly once over both sessions");
+    assert_eq!(
+        script,
+        sim.expected().message_ids,
+        "every message exactly once over both sessions"
+    );
     let sessions: BTreeSet<&str> = record.iter().map(|d| d.session.as_str()).collect();
     assert_eq!(sessions.len(), 2);
     let status = sim.status();
@@ -461,10 +623,22 @@ async fn newer_connection_supersedes_older_and_script_never_repeats() {
     // An unknown session cannot be resumed: op 9 with d = false.
     let mut third = raw_connect(&sim).await;
     raw_next(&mut third, deadline).await; // HELLO
-    raw_send(&mut third, serde_json::json!({"op": 6, "d": {"token": TOKEN, "session_id": "nope", "seq": 3}})).await;
-    let invalid: serde_json::Value =
-        serde_json::from_str(raw_next(&mut third, deadline).await.as_text().expect("text")).expect("json");
-    assert_eq!(invalid, serde_json::json!({"op": 9, "s": null, "t": null, "d": false}));
+    raw_send(
+        &mut third,
+        serde_json::json!({"op": 6, "d": {"token": TOKEN, "session_id": "nope", "seq": 3}}),
+    )
+    .await;
+    let invalid: serde_json::Value = serde_json::from_str(
+        raw_next(&mut third, deadline)
+            .await
+            .as_text()
+            .expect("text"),
+    )
+    .expect("json");
+    assert_eq!(
+        invalid,
+        serde_json::json!({"op": 9, "s": null, "t": null, "d": false})
+    );
     sim.shutdown().await;
 }
 
@@ -483,18 +657,33 @@ async fn rate_paces_the_script() {
     let started = Instant::now();
     let mut shard = Shard::with_config(ShardId::new(0, 1), builder(&sim, TOKEN).build());
     let mut seen = Seen::default();
-    drive(&mut shard, started + Duration::from_secs(10), &mut seen, |s| s.messages.len() >= 300).await;
+    drive(
+        &mut shard,
+        started + Duration::from_secs(10),
+        &mut seen,
+        |s| s.messages.len() >= 300,
+    )
+    .await;
     // At most a burst of 64 tokens runs ahead of 2 000/s.
     let min = Duration::from_millis((total - 64) * 1000 / 2_000);
-    assert!(started.elapsed() >= min, "{total} events in {:?} (< {min:?})", started.elapsed());
+    assert!(
+        started.elapsed() >= min,
+        "{total} events in {:?} (< {min:?})",
+        started.elapsed()
+    );
     sim.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rest_gateway_bot_and_status() {
-    let sim = Simulator::start(SimConfig { guilds: 8, messages: 10, max_concurrency: 4, ..SimConfig::default() })
-        .await
-        .expect("start");
+    let sim = Simulator::start(SimConfig {
+        guilds: 8,
+        messages: 10,
+        max_concurrency: 4,
+        ..SimConfig::default()
+    })
+    .await
+    .expect("start");
     let client = reqwest::Client::new();
     let url = format!("{}/v10/gateway/bot", sim.api_url());
     let ok: serde_json::Value = client
@@ -518,7 +707,10 @@ async fn rest_gateway_bot_and_status() {
         let response = request.send().await.expect("request");
         assert_eq!(response.status(), 401);
         let body: serde_json::Value = response.json().await.expect("json");
-        assert_eq!(body, serde_json::json!({"message": "401: Unauthorized", "code": 0}));
+        assert_eq!(
+            body,
+            serde_json::json!({"message": "401: Unauthorized", "code": 0})
+        );
     }
     let status: SimStatus = client
         .get(format!("{}/sim/status", sim.api_url()))
@@ -531,10 +723,43 @@ async fn rest_gateway_bot_and_status() {
     assert_eq!(status, sim.status());
     assert_eq!(status.messages_total, 10);
     assert!(!status.all_sent);
-    let err = sim.wait_all_sent(Duration::from_millis(10)).await.expect_err("nobody connected");
-    assert!(matches!(err, SimError::WaitAllSent { sent: 0, .. }), "{err}");
+    let err = sim
+        .wait_all_sent(Duration::from_millis(10))
+        .await
+        .expect_err("nobody connected");
+    assert!(
+        matches!(err, SimError::WaitAllSent { sent: 0, .. }),
+        "{err}"
+    );
     let api = sim.api_url();
     sim.shutdown().await;
-    assert!(client.get(format!("{api}/sim/status")).send().await.is_err(), "stopped");
+    assert!(
+        client
+            .get(format!("{api}/sim/status"))
+            .send()
+            .await
+            .is_err(),
+        "stopped"
+    );
 }
 
+#[tokio::test]
+async fn start_reports_a_taken_address() {
+    let taken = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = taken.local_addr().expect("addr");
+    let err = Simulator::start(SimConfig {
+        guilds: 4,
+        messages: 4,
+        gateway_listen: addr,
+        ..SimConfig::default()
+    })
+    .await
+    .expect_err("address in use");
+    assert!(
+        matches!(err, SimError::Bind { addr: a, .. } if a == addr),
+        "{err}"
+    );
+    assert_eq!(err.to_string(), format!("failed to bind {addr}"));
+}

@@ -66,7 +66,12 @@ struct IdGen {
 
 impl IdGen {
     const fn new(worker: u64) -> Self {
-        Self { worker, last_ms: 0, increment: 0, started: false }
+        Self {
+            worker,
+            last_ms: 0,
+            increment: 0,
+            started: false,
+        }
     }
 
     /// Next id at `ms` (or just after the previous id if `ms` is earlier).
@@ -219,7 +224,13 @@ impl World {
         // while `ms % partitions` stays random.
         let gap = (GUILD_SPAN_MS / (n_guilds.max(1) as u64)).max(2 * u64::from(shards));
         let mut targets: Vec<u32> = (0..n_guilds)
-            .map(|i| if (i as u64) < u64::from(shards) { i as u32 } else { rng.u32(0..shards) })
+            .map(|i| {
+                if (i as u64) < u64::from(shards) {
+                    i as u32
+                } else {
+                    rng.u32(0..shards)
+                }
+            })
             .collect();
         rng.shuffle(&mut targets);
 
@@ -266,8 +277,11 @@ impl World {
             let mut guild_members = Vec::new();
             for m in 0..rng.u64(5..=30) {
                 guild_members.push(members.len() as u32);
-                let joined_ms =
-                    if m == 0 { ms } else { ms + rng.u64(1_000..30 * 86_400_000) };
+                let joined_ms = if m == 0 {
+                    ms
+                } else {
+                    ms + rng.u64(1_000..30 * 86_400_000)
+                };
                 members.push(MemberRec {
                     user_id: user_ids.next(ms + m),
                     guild: guild_index,
@@ -297,8 +311,9 @@ impl World {
         for (i, g) in guilds.iter().enumerate() {
             shard_guilds[g.shard as usize].push(i as u32);
         }
-        let populated: Vec<u32> =
-            (0..shards).filter(|s| !shard_guilds[*s as usize].is_empty()).collect();
+        let populated: Vec<u32> = (0..shards)
+            .filter(|s| !shard_guilds[*s as usize].is_empty())
+            .collect();
 
         let mut scripts: Vec<Vec<ScriptEvent>> = vec![Vec::new(); shards as usize];
         let mut live: Vec<Vec<u32>> = vec![Vec::new(); shards as usize];
@@ -427,13 +442,16 @@ impl World {
 
     /// Whether channel `c` exists once the first `cursor` script events of its shard are sent.
     pub(crate) fn channel_visible(&self, c: u32, cursor: u32) -> bool {
-        self.channels[c as usize].created_at.is_none_or(|at| at < cursor)
+        self.channels[c as usize]
+            .created_at
+            .is_none_or(|at| at < cursor)
     }
 
     /// Whether member `m` belongs to its guild once the first `cursor` script events are sent.
     pub(crate) fn member_visible(&self, m: u32, cursor: u32) -> bool {
         let member = &self.members[m as usize];
-        member.added_at.is_none_or(|at| at < cursor) && member.removed_at.is_none_or(|at| at >= cursor)
+        member.added_at.is_none_or(|at| at < cursor)
+            && member.removed_at.is_none_or(|at| at >= cursor)
     }
 }
 
@@ -481,7 +499,10 @@ impl OtherCtx<'_> {
         match kind {
             0 if !self.live.is_empty() => {
                 let message = self.live[self.rng.usize(0..self.live.len())];
-                Some(ScriptEvent::MessageUpdate { message, edited_ms: self.now_ms })
+                Some(ScriptEvent::MessageUpdate {
+                    message,
+                    edited_ms: self.now_ms,
+                })
             }
             1 if !self.live.is_empty() => {
                 let message = self.live.swap_remove(self.rng.usize(0..self.live.len()));
@@ -591,12 +612,22 @@ mod tests {
     fn shard_messages(w: &World) -> Vec<usize> {
         w.scripts
             .iter()
-            .map(|s| s.iter().filter(|e| matches!(e, ScriptEvent::MessageCreate { .. })).count())
+            .map(|s| {
+                s.iter()
+                    .filter(|e| matches!(e, ScriptEvent::MessageCreate { .. }))
+                    .count()
+            })
             .collect()
     }
 
     fn small(seed: u64) -> SimConfig {
-        SimConfig { seed, guilds: 200, shards: 4, messages: 5_000, ..SimConfig::default() }
+        SimConfig {
+            seed,
+            guilds: 200,
+            shards: 4,
+            messages: 5_000,
+            ..SimConfig::default()
+        }
     }
 
     #[test]
@@ -641,7 +672,11 @@ mod tests {
         assert!(per_shard_messages.iter().all(|n| *n > 0));
         assert_eq!(per_shard_messages.iter().sum::<usize>(), 5_000);
         // Few guilds: still one per shard.
-        let tiny = World::generate(&SimConfig { guilds: 4, messages: 4, ..small(1) });
+        let tiny = World::generate(&SimConfig {
+            guilds: 4,
+            messages: 4,
+            ..small(1)
+        });
         let mut shards: Vec<u32> = tiny.guilds.iter().map(|g| g.shard).collect();
         shards.sort_unstable();
         assert_eq!(shards, [0, 1, 2, 3]);
@@ -655,7 +690,11 @@ mod tests {
         all.extend(w.channels.iter().map(|c| c.id));
         all.extend(w.members.iter().map(|m| m.user_id));
         all.extend(w.messages.iter().map(|m| m.id));
-        all.extend(w.guilds.iter().flat_map(|g| g.roles[1..].iter().map(|r| r.id)));
+        all.extend(
+            w.guilds
+                .iter()
+                .flat_map(|g| g.roles[1..].iter().map(|r| r.id)),
+        );
         let n = all.len();
         all.sort_unstable();
         all.dedup();
@@ -671,35 +710,44 @@ mod tests {
     fn script_mixes_other_events_and_expected_matches() {
         let w = World::generate(&small(5));
         let all: Vec<ScriptEvent> = w.scripts.iter().flatten().copied().collect();
-        let creates = all.iter().filter(|e| matches!(e, ScriptEvent::MessageCreate { .. })).count();
+        let creates = all
+            .iter()
+            .filter(|e| matches!(e, ScriptEvent::MessageCreate { .. }))
+            .count();
         let others = all.len() - creates;
         assert_eq!(creates, 5_000);
         assert!((300..=700).contains(&others), "{others} other events");
         for kind in 0..5 {
             assert!(
-                all.iter().any(|e| match (kind, e) {
+                all.iter().any(|e| matches!(
+                    (kind, e),
                     (0, ScriptEvent::MessageUpdate { .. })
-                    | (1, ScriptEvent::MessageDelete { .. })
-                    | (2, ScriptEvent::MemberAdd { .. })
-                    | (3, ScriptEvent::MemberRemove { .. })
-                    | (4, ScriptEvent::ChannelCreate { .. }) => true,
-                    _ => false,
-                }),
+                        | (1, ScriptEvent::MessageDelete { .. })
+                        | (2, ScriptEvent::MemberAdd { .. })
+                        | (3, ScriptEvent::MemberRemove { .. })
+                        | (4, ScriptEvent::ChannelCreate { .. })
+                )),
                 "kind {kind} missing"
             );
         }
         // Expected member counts = members visible after the whole script.
         for (gi, g) in w.guilds.iter().enumerate() {
             let end = w.scripts[g.shard as usize].len() as u32;
-            let visible = g.members.iter().filter(|m| w.member_visible(**m, end)).count();
+            let visible = g
+                .members
+                .iter()
+                .filter(|m| w.member_visible(**m, end))
+                .count();
             let exp = &w.expected.guilds[&g.id];
             assert_eq!(exp.members as usize, visible, "guild {gi}");
             assert!(exp.members < 50);
             assert_eq!(exp.channels as usize, g.channels.len());
             let deletes = w.scripts[g.shard as usize]
                 .iter()
-                .filter(|e| matches!(e, ScriptEvent::MessageDelete { message }
-                    if w.messages[*message as usize].guild as usize == gi))
+                .filter(|e| {
+                    matches!(e, ScriptEvent::MessageDelete { message }
+                    if w.messages[*message as usize].guild as usize == gi)
+                })
                 .count();
             assert_eq!(exp.messages_deleted as usize, deletes);
         }
@@ -726,14 +774,20 @@ mod tests {
 
     #[test]
     fn malformed_frames_are_injected_per_shard() {
-        let w = World::generate(&SimConfig { inject_malformed: true, ..small(9) });
+        let w = World::generate(&SimConfig {
+            inject_malformed: true,
+            ..small(9)
+        });
         let plain = World::generate(&small(9));
         assert_eq!(w.expected, plain.expected);
         for (s, script) in w.scripts.iter().enumerate() {
             let at = plain.scripts[s].len() / 10;
             assert_eq!(script[at], ScriptEvent::BrokenJson);
             assert_eq!(script[at + 1], ScriptEvent::UnknownEvent);
-            assert!(matches!(script[at + 2], ScriptEvent::MemberAddNoGuild { .. }));
+            assert!(matches!(
+                script[at + 2],
+                ScriptEvent::MemberAddNoGuild { .. }
+            ));
             assert_eq!(script.len(), plain.scripts[s].len() + 3);
         }
     }

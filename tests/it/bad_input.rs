@@ -21,8 +21,14 @@ fn invalid_config_exits_2_naming_the_key_and_rule() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
         ("[cluster]\npartitions = 48\n", "cluster.partitions"),
-        ("[discord]\nshards = 8\n[cluster]\npartitions = 4\n", "discord.shards"),
-        ("[cluster]\npods = 2\nordinal = 2\n[discord]\nshards = 2\n", "cluster.ordinal"),
+        (
+            "[discord]\nshards = 8\n[cluster]\npartitions = 4\n",
+            "discord.shards",
+        ),
+        (
+            "[cluster]\npods = 2\nordinal = 2\n[discord]\nshards = 2\n",
+            "cluster.ordinal",
+        ),
         ("[discord]\nshardz = 2\n", "shardz"),
         ("[discord]\nshards = \"two\"\n", "shards"),
     ];
@@ -30,7 +36,10 @@ fn invalid_config_exits_2_naming_the_key_and_rule() {
         let out = run_with(config, dir.path());
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{config:?} → {stderr}");
-        assert!(stderr.contains(key), "{config:?}: error names {key}: {stderr}");
+        assert!(
+            stderr.contains(key),
+            "{config:?}: error names {key}: {stderr}"
+        );
         assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
     }
 }
@@ -44,9 +53,16 @@ fn config_check_prints_the_effective_config_redacted() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("shards = 8"), "{stdout}");
-    assert!(!stdout.contains("very-secret-token"), "token leaked: {stdout}");
+    assert!(
+        !stdout.contains("very-secret-token"),
+        "token leaked: {stdout}"
+    );
 }
 
 #[test]
@@ -60,9 +76,14 @@ fn missing_token_exits_2() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_file_that_is_not_a_database_stops_start_and_is_left_untouched() {
     let dir = tempfile::tempdir().unwrap();
-    let sim = Simulator::start(SimConfig { guilds: 10, shards: 1, messages: 10, ..SimConfig::default() })
-        .await
-        .unwrap();
+    let sim = Simulator::start(SimConfig {
+        guilds: 10,
+        shards: 1,
+        messages: 10,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
     let data = dir.path().join("data");
     std::fs::create_dir_all(data.join("partitions")).unwrap();
     let bad = data.join("partitions/p0003.sqlite3");
@@ -83,6 +104,13 @@ async fn a_partition_file_that_is_not_a_database_stops_start_and_is_left_untouch
     .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("p0003.sqlite3"), "error names the file: {stderr}");
-    assert_eq!(std::fs::read(&bad).unwrap(), garbage, "the bad file is untouched");
+    assert!(
+        stderr.contains("p0003.sqlite3"),
+        "error names the file: {stderr}"
+    );
+    assert_eq!(
+        std::fs::read(&bad).unwrap(),
+        garbage,
+        "the bad file is untouched"
+    );
 }

@@ -36,13 +36,20 @@ pub fn command() -> Command {
 }
 
 /// Polls `check` every 50 ms until it returns `Some`, or panics with `what` after `deadline`.
-pub async fn wait_for<T>(what: &str, deadline: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+pub async fn wait_for<T>(
+    what: &str,
+    deadline: Duration,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> T {
     let end = Instant::now() + deadline;
     loop {
         if let Some(v) = check().await {
             return v;
         }
-        assert!(Instant::now() < end, "timed out after {deadline:?} waiting for {what}");
+        assert!(
+            Instant::now() < end,
+            "timed out after {deadline:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -82,6 +89,8 @@ impl NodeProcess {
         )
         .unwrap();
         let ready = dir.join("ready.json");
+        // A previous run's ready file in the same directory must not count as this run's.
+        let _ = std::fs::remove_file(&ready);
         let stderr = dir.join("stderr.log");
         let child = command()
             .args(["run", "--config"])
@@ -91,7 +100,13 @@ impl NodeProcess {
             .env("DISCORD_TOKEN", TOKEN)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).unwrap())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&stderr)
+                    .unwrap(),
+            )
             .spawn()
             .expect("spawn shardlite run");
         let mut node = NodeProcess {
@@ -101,21 +116,27 @@ impl NodeProcess {
             http: String::new(),
             stderr,
         };
-        let info: serde_json::Value = wait_for("the ready file", Duration::from_secs(60), async || {
-            if let Some(status) = node.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("shardlite run exited early with {status}:\n{}", node.stderr_text());
-            }
-            let text = std::fs::read_to_string(&ready).ok()?;
-            serde_json::from_str(&text).ok()
-        })
-        .await;
+        let info: serde_json::Value =
+            wait_for("the ready file", Duration::from_secs(60), async || {
+                if let Some(status) = node.child.as_mut().unwrap().try_wait().unwrap() {
+                    panic!(
+                        "shardlite run exited early with {status}:\n{}",
+                        node.stderr_text()
+                    );
+                }
+                let text = std::fs::read_to_string(&ready).ok()?;
+                serde_json::from_str(&text).ok()
+            })
+            .await;
         node.http = info["http"].as_str().unwrap().to_owned();
         node
     }
 
     /// GET /readyz, parsed (ready or not).
     pub async fn status(&self) -> Option<NodeStatus> {
-        let resp = reqwest::get(format!("http://{}/readyz", self.http)).await.ok()?;
+        let resp = reqwest::get(format!("http://{}/readyz", self.http))
+            .await
+            .ok()?;
         resp.json().await.ok()
     }
 
@@ -130,15 +151,16 @@ impl NodeProcess {
 
     /// Sends SIGTERM and waits for the exit status.
     pub async fn stop(mut self) -> ExitStatus {
+        let pid = self.pid().to_string();
         let mut child = self.child.take().unwrap();
-        let pid = child.id().to_string();
         let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
         assert!(killed.success(), "kill -TERM {pid}");
-        let status = wait_for("shardlite run to exit", Duration::from_secs(60), async || {
-            child.try_wait().unwrap()
-        })
-        .await;
-        status
+        wait_for(
+            "shardlite run to exit",
+            Duration::from_secs(60),
+            async || child.try_wait().unwrap(),
+        )
+        .await
     }
 
     /// The child's process id.
@@ -160,7 +182,11 @@ impl Drop for NodeProcess {
             let _ = child.wait();
         }
         if std::thread::panicking() {
-            eprintln!("--- shardlite stderr ({}) ---\n{}", self.dir.display(), self.stderr_text());
+            eprintln!(
+                "--- shardlite stderr ({}) ---\n{}",
+                self.dir.display(),
+                self.stderr_text()
+            );
         }
     }
 }

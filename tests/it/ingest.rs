@@ -20,12 +20,18 @@ async fn run_stores_every_message_exactly_once() {
     })
     .await
     .unwrap();
-    let spec = NodeSpec { shards: 4, partitions: 64 };
+    let spec = NodeSpec {
+        shards: 4,
+        partitions: 64,
+    };
     let node = NodeProcess::start(dir.path(), &sim, &spec).await;
     sim.wait_all_sent(Duration::from_secs(300)).await.unwrap();
     node.wait_caught_up(&sim, Duration::from_secs(120)).await;
     let status = sim.status();
-    assert!(status.shards.iter().all(|s| s.identifies == 1), "one identify per shard: {status:?}");
+    assert!(
+        status.shards.iter().all(|s| s.identifies == 1),
+        "one identify per shard: {status:?}"
+    );
     let data_dir = node.data_dir.clone();
     let exit = node.stop().await;
     assert!(exit.success(), "graceful stop exits 0, got {exit}");
@@ -37,7 +43,11 @@ async fn run_stores_every_message_exactly_once() {
     assert_eq!(v.stored_messages, 100_000);
     assert_eq!((v.missing, v.duplicates, v.unexpected), (0, 0, 0), "{v:?}");
     assert_eq!(v.misplaced_guilds, 0);
-    assert!(v.guild_mismatches.is_empty(), "first mismatches: {:?}", &v.guild_mismatches[..v.guild_mismatches.len().min(3)]);
+    assert!(
+        v.guild_mismatches.is_empty(),
+        "first mismatches: {:?}",
+        &v.guild_mismatches[..v.guild_mismatches.len().min(3)]
+    );
     assert_eq!(v.totals.guilds, 2_000);
     assert_eq!(v.totals.message_stats_total, 100_000);
     for p in 0..64 {
@@ -58,11 +68,23 @@ async fn malformed_dispatches_are_skipped_and_everything_else_is_stored() {
     })
     .await
     .unwrap();
-    let node = NodeProcess::start(dir.path(), &sim, &NodeSpec { shards: 2, partitions: 8 }).await;
+    let node = NodeProcess::start(
+        dir.path(),
+        &sim,
+        &NodeSpec {
+            shards: 2,
+            partitions: 8,
+        },
+    )
+    .await;
     sim.wait_all_sent(Duration::from_secs(120)).await.unwrap();
     node.wait_caught_up(&sim, Duration::from_secs(60)).await;
     let malformed = sim.record().iter().filter(|d| d.malformed).count();
-    assert_eq!(malformed, 2 * 2, "two malformed dispatches with a seq per shard were sent");
+    assert_eq!(
+        malformed,
+        2 * 2,
+        "two malformed dispatches with a seq per shard were sent"
+    );
     let data_dir = node.data_dir.clone();
     let stderr_before_stop = node.stderr_text();
     let exit = node.stop().await;
@@ -72,6 +94,63 @@ async fn malformed_dispatches_are_skipped_and_everything_else_is_stored() {
     assert!(v.is_exact(), "{v:?}");
     assert_eq!(v.stored_messages, 4_000);
     // Each kind of bad input was noticed and named in the log, once per shard.
-    assert_eq!(stderr_before_stop.matches("malformed gateway frame skipped").count(), 2, "{stderr_before_stop}");
-    assert_eq!(stderr_before_stop.matches("malformed dispatch skipped").count(), 2, "{stderr_before_stop}");
+    assert_eq!(
+        stderr_before_stop
+            .matches("malformed gateway frame skipped")
+            .count(),
+        2,
+        "{stderr_before_stop}"
+    );
+    assert_eq!(
+        stderr_before_stop
+            .matches("malformed dispatch skipped")
+            .count(),
+        2,
+        "{stderr_before_stop}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_process_resumes_its_sessions_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Simulator::start(SimConfig {
+        guilds: 200,
+        shards: 2,
+        messages: 30_000,
+        rate: Some(15_000),
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let spec = NodeSpec {
+        shards: 2,
+        partitions: 16,
+    };
+    let first = NodeProcess::start(dir.path(), &sim, &spec).await;
+    crate::harness::wait_for(
+        "a third of the messages",
+        Duration::from_secs(60),
+        async || (sim.status().messages_sent >= 10_000).then_some(()),
+    )
+    .await;
+    assert!(first.stop().await.success());
+    assert!(sim.status().messages_sent < 30_000, "stopped mid-stream");
+
+    let second = NodeProcess::start(dir.path(), &sim, &spec).await;
+    sim.wait_all_sent(Duration::from_secs(120)).await.unwrap();
+    second.wait_caught_up(&sim, Duration::from_secs(60)).await;
+    let data_dir = second.data_dir.clone();
+    assert!(second.stop().await.success());
+
+    for s in sim.status().shards {
+        assert_eq!(
+            s.identifies, 1,
+            "shard {} resumed instead of identifying again",
+            s.shard
+        );
+        assert!(s.resumes >= 1, "shard {} resumed: {s:?}", s.shard);
+    }
+    let v = verify(&data_dir, Topology::new(2, 16, 1).unwrap(), &sim.expected()).unwrap();
+    assert!(v.is_exact(), "{v:?}");
+    assert_eq!(v.stored_messages, 30_000);
 }
