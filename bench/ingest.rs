@@ -59,6 +59,7 @@ async fn run(s: &Scenario) {
     let spec = NodeSpec {
         shards: 4,
         partitions: 64,
+        ..NodeSpec::default()
     };
     let started = Instant::now();
     let node = NodeProcess::start(dir.path(), &sim, &spec).await;
@@ -68,7 +69,11 @@ async fn run(s: &Scenario) {
     let rss = peak_rss_mib(node.pid());
     let data_dir = node.data_dir.clone();
     assert!(node.stop().await.success());
-    let dispatches = sim.record().iter().filter(|d| !d.replay).count() as f64;
+    let dispatches = sim
+        .record()
+        .iter()
+        .filter(|d| !d.replay && !d.redelivery)
+        .count() as f64;
     let v = verify(&data_dir, Topology::new(4, 64, 1).unwrap(), &sim.expected()).unwrap();
     println!(
         "{:6} guilds {:>6} messages {:>7}: {:6.2} s, {:>7.0} dispatches/s, {:>7.0} MESSAGE_CREATE/s, node peak RSS {:6.1} MiB, exactly once: {} (missing {}, duplicate {})",

@@ -30,6 +30,9 @@ pub enum Command {
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Litestream integration.
+    #[command(subcommand)]
+    Litestream(LitestreamCommand),
     /// Print which partition, shard and pod own a guild.
     Owner(OwnerArgs),
     /// Print which shards and partitions move when the pod count changes.
@@ -113,6 +116,17 @@ pub struct SimulateArgs {
 pub enum ConfigCommand {
     /// Print the effective config (secrets redacted), or the error and exit 2.
     Check {
+        /// Config file (TOML).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+/// `shardlite litestream …`.
+#[derive(Debug, Subcommand)]
+pub enum LitestreamCommand {
+    /// Print the `litestream.yml` this pod renders for its partitions (no secrets in it).
+    Config {
         /// Config file (TOML).
         #[arg(long, short)]
         config: Option<PathBuf>,

@@ -205,7 +205,7 @@ pub async fn run(args: &DemoArgs) -> Result<DemoReport, DemoError> {
     node.shutdown().await?;
 
     let record = sim.record();
-    let dispatches = record.iter().filter(|d| !d.replay).count() as u64;
+    let dispatches = record.iter().filter(|d| !d.replay && !d.redelivery).count() as u64;
     let messages = sim.status().messages_total;
     let expected = sim.expected();
     sim.shutdown().await;

@@ -43,6 +43,7 @@ pub mod demo;
 pub mod http;
 pub mod node;
 pub mod ownership;
+pub mod replication;
 pub mod run;
 pub mod simulator;
 pub mod store;

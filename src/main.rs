@@ -1,12 +1,14 @@
 //! The `shardlite` binary: parse the CLI, load config, run one command, map errors to exit codes
 //! (DESIGN §12: 0 clean stop, 2 bad config or usage, 1 anything else; one clear line on stderr).
 
+use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use shardlite::cli::{Cli, Command, ConfigCommand};
+use shardlite::cli::{Cli, Command, ConfigCommand, LitestreamCommand};
 use shardlite::config::Config;
 use shardlite::node::NodeError;
+use shardlite::replication::litestream_config;
 use shardlite::{demo, error_chain as chain, ownership, run};
 use tracing_subscriber::EnvFilter;
 
@@ -18,6 +20,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal; journald, files and pipes get plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     #[cfg(feature = "tls")]
     if rustls::crypto::ring::default_provider()
@@ -73,6 +77,21 @@ async fn dispatch(command: Command) -> ExitCode {
             }
             Err(e) => fail(2, &e.to_string()),
         },
+        Command::Litestream(LitestreamCommand::Config { config }) => {
+            match Config::load(config.as_deref()) {
+                Ok(c) => {
+                    let t = c.topology();
+                    let owned: Vec<_> = t
+                        .shards_of_pod(c.cluster.ordinal)
+                        .into_iter()
+                        .flat_map(|s| t.partitions_of_shard(s))
+                        .collect();
+                    print!("{}", litestream_config::render(&c, &owned));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(2, &e.to_string()),
+            }
+        }
         Command::Owner(args) => {
             let config = match Config::load(args.config.as_deref()) {
                 Ok(c) => c,

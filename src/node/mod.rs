@@ -24,8 +24,12 @@ use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef, Message, RpcReplyPort};
 use twilight_gateway::{ConfigBuilder, Intents};
 
-use crate::config::Config;
-use crate::ownership::Topology;
+use crate::config::{Config, ReplicationMode};
+use crate::ownership::{PartitionId, Topology};
+use crate::replication::{
+    self, child::LitestreamArgs, litestream_config::SHUTDOWN_SYNC_TIMEOUT_SECS,
+};
+use crate::store::PartitionStore;
 use identify_queue::IdentifyQueue;
 use restart::RestartPolicy;
 pub use root::NodeStatus;
@@ -69,6 +73,9 @@ pub enum NodeError {
     /// A supervisor gave up; the node stopped.
     #[error("node failed: {0}")]
     Failed(String),
+    /// Restore before open or the Litestream setup failed; no partition was opened.
+    #[error(transparent)]
+    Replication(#[from] crate::replication::ReplicationError),
 }
 
 /// Sends `msg` and waits at most `timeout` for the reply.
@@ -110,13 +117,15 @@ pub struct Node {
 }
 
 impl Node {
-    /// Fetches `/gateway/bot`, builds the identify queue and starts the tree for the shards this
+    /// Fetches `/gateway/bot`, restores the owned partitions that need it (DESIGN §6: before any
+    /// of them is opened), starts Litestream in child mode, and starts the tree for the shards this
     /// pod owns (`cluster.ordinal` under DESIGN §2's assignment). Returns once every partition file
     /// is open and every shard is connecting.
     ///
     /// # Errors
     /// [`NodeError::MissingToken`], [`NodeError::GatewayBot`]/[`NodeError::GatewayBotStatus`],
-    /// or [`NodeError::Start`] if a group cannot start (e.g. a partition file is not a database).
+    /// [`NodeError::Replication`] if a restore fails, or [`NodeError::Start`] if a group cannot
+    /// start (e.g. a partition file is not a database).
     pub async fn start(config: Config) -> Result<Node, NodeError> {
         let token = config
             .discord
@@ -145,7 +154,42 @@ impl Node {
         .proxy_url(gateway_url)
         .queue(queue)
         .build();
-        let shutdown_timeout = Duration::from_secs(config.supervision.shutdown_timeout_secs);
+        let owned: Vec<PartitionId> = topology
+            .shards_of_pod(config.cluster.ordinal)
+            .into_iter()
+            .flat_map(|s| topology.partitions_of_shard(s))
+            .collect();
+        let prepared = replication::prepare(&config, &owned).await?;
+        if prepared.is_some() {
+            create_partition_files(&config, &owned).await?;
+        }
+        let litestream = match prepared {
+            Some(prepared) if config.replication.mode == ReplicationMode::Child => {
+                Some(LitestreamArgs {
+                    bin: config.replication.litestream_bin.clone(),
+                    pid_file: prepared.config_file.with_file_name("litestream.pid"),
+                    socket: prepared
+                        .config_file
+                        .with_file_name(replication::litestream_config::SOCKET_NAME),
+                    dbs: owned
+                        .iter()
+                        .map(|p| {
+                            PartitionStore::path_in(&prepared.config_file.with_file_name(""), *p)
+                        })
+                        .collect(),
+                    config_file: prepared.config_file,
+                    policy: RestartPolicy::from(&config.supervision),
+                })
+            }
+            _ => None,
+        };
+        // Litestream's final sync on stop comes on top of the tree's own drain.
+        let shutdown_timeout = Duration::from_secs(config.supervision.shutdown_timeout_secs)
+            + if litestream.is_some() {
+                Duration::from_secs(SHUTDOWN_SYNC_TIMEOUT_SECS) + Duration::from_secs(5)
+            } else {
+                Duration::ZERO
+            };
         let ctx = Arc::new(NodeContext {
             policy: RestartPolicy::from(&config.supervision),
             topology,
@@ -159,6 +203,7 @@ impl Node {
             NodeArgs {
                 ctx,
                 failure: failure.clone(),
+                litestream,
             },
         )
         .await
@@ -214,6 +259,24 @@ impl Node {
         let reason = self.failure.lock().expect("not poisoned").take();
         NodeError::Failed(reason.unwrap_or_else(|| "the root actor stopped".into()))
     }
+}
+
+/// Opens (creating and migrating) every owned partition file once, after restore decided and
+/// before Litestream starts: Litestream replicates the files that exist when it starts at once,
+/// and a file created later only after its next directory check — a short run could end before
+/// that and its final sync would miss the partition.
+async fn create_partition_files(config: &Config, owned: &[PartitionId]) -> Result<(), NodeError> {
+    let data_dir = config.storage.data_dir.clone();
+    let owned = owned.to_vec();
+    tokio::task::spawn_blocking(move || {
+        for p in owned {
+            PartitionStore::open(&PartitionStore::path_in(&data_dir, p), p)
+                .map_err(|e| NodeError::Start(crate::error_chain(&e)))?;
+        }
+        Ok(())
+    })
+    .await
+    .expect("opening partition files does not panic")
 }
 
 /// Cloneable status access to a running node.

@@ -1,6 +1,6 @@
-//! The root supervisor: one shard group per shard this pod owns.
+//! The root supervisor: the Litestream child (in child mode) and one shard group per owned shard.
 //!
-//! Groups restart their own children; a group that gives up (restart intensity exceeded) is
+//! Groups restart their own children, the Litestream actor its process; one that gives up is
 //! escalated here, and the node stops with that reason, so the process exits non-zero and its
 //! own supervisor (systemd, Kubernetes) decides what comes next — Erlang's escalation rule.
 
@@ -13,9 +13,13 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent
 use super::NodeContext;
 use super::shard::ShardPhase;
 use super::shard_group::{GroupStatus, ShardGroupActor, ShardGroupArgs, ShardGroupMsg};
+use crate::replication::child::{LitestreamActor, LitestreamArgs, LitestreamMsg, LitestreamStatus};
 
 /// Bound on one group's status answer.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on Litestream's stop: its shutdown-sync-timeout plus the child actor's kill slack.
+const LITESTREAM_STOP_TIMEOUT: Duration =
+    Duration::from_secs(crate::replication::litestream_config::SHUTDOWN_SYNC_TIMEOUT_SECS + 10);
 
 /// Messages of [`NodeActor`].
 pub enum NodeMsg {
@@ -38,6 +42,8 @@ pub struct NodeStatus {
     pub owned_shards: Vec<u32>,
     /// One entry per owned shard.
     pub groups: Vec<GroupStatus>,
+    /// The Litestream child, in `replication.mode = "child"`.
+    pub litestream: Option<LitestreamStatus>,
     /// Every owned partition is open and every owned shard is receiving dispatches (DESIGN §8).
     pub ready: bool,
 }
@@ -47,12 +53,15 @@ pub struct NodeArgs {
     pub ctx: Arc<NodeContext>,
     /// Where the reason goes when the node stops on its own.
     pub failure: Arc<Mutex<Option<String>>>,
+    /// Run Litestream as a supervised child (`replication.mode = "child"`).
+    pub litestream: Option<LitestreamArgs>,
 }
 
 /// State of the root.
 pub struct NodeState {
     ctx: Arc<NodeContext>,
     groups: Vec<ActorRef<ShardGroupMsg>>,
+    litestream: Option<ActorRef<LitestreamMsg>>,
     failure: Arc<Mutex<Option<String>>>,
     stopping: bool,
 }
@@ -72,6 +81,17 @@ impl Actor for NodeActor {
     ) -> Result<Self::State, ActorProcessingErr> {
         let topology = args.ctx.topology;
         let ordinal = args.ctx.config.cluster.ordinal;
+        // Litestream first: it waits for files that do not exist yet and picks up each partition
+        // as it opens, so nothing a partition commits goes unreplicated.
+        let litestream = match args.litestream {
+            Some(ls) => Some(
+                Actor::spawn_linked(None, LitestreamActor, ls, myself.get_cell())
+                    .await
+                    .map_err(|e| format!("litestream: {e}"))?
+                    .0,
+            ),
+            None => None,
+        };
         let mut groups = Vec::new();
         for shard_id in topology.shards_of_pod(ordinal) {
             let group_args = ShardGroupArgs {
@@ -88,6 +108,7 @@ impl Actor for NodeActor {
         Ok(NodeState {
             ctx: args.ctx,
             groups,
+            litestream,
             failure: args.failure,
             stopping: false,
         })
@@ -118,6 +139,13 @@ impl Actor for NodeActor {
                 .into_iter()
                 .filter_map(Result::err)
                 .for_each(|e| tracing::warn!(error = %e, "shard group did not stop cleanly"));
+                // Last: every partition has committed, so Litestream's final sync carries it all.
+                if let Some(ls) = &state.litestream
+                    && let Err(e) =
+                        super::call(ls, LitestreamMsg::Stop, LITESTREAM_STOP_TIMEOUT).await
+                {
+                    tracing::warn!(error = %e, "litestream did not stop cleanly");
+                }
                 // The asker may have timed out; stopping goes on regardless.
                 let _ = reply.send(());
                 myself.stop(None);
@@ -134,15 +162,19 @@ impl Actor for NodeActor {
     ) -> Result<(), ActorProcessingErr> {
         let reason = match evt {
             SupervisionEvent::ActorFailed(_, err) => err.to_string(),
-            SupervisionEvent::ActorTerminated(_, _, reason) => {
-                format!("shard group stopped: {}", reason.unwrap_or_default())
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                format!(
+                    "{:?} stopped: {}",
+                    cell.get_id(),
+                    reason.unwrap_or_default()
+                )
             }
             _ => return Ok(()),
         };
         if state.stopping {
             return Ok(());
         }
-        tracing::error!(%reason, "a shard group gave up; stopping the node");
+        tracing::error!(%reason, "a supervised child gave up; stopping the node");
         *state.failure.lock().expect("not poisoned") = Some(reason.clone());
         state.stopping = true;
         myself.stop(Some(reason));
@@ -170,7 +202,14 @@ impl NodeState {
                         .as_ref()
                         .is_some_and(|s| s.phase == ShardPhase::Active)
             });
+        let litestream = match &self.litestream {
+            Some(ls) => super::call(ls, LitestreamMsg::Status, STATUS_TIMEOUT)
+                .await
+                .ok(),
+            None => None,
+        };
         NodeStatus {
+            litestream,
             ordinal: self.ctx.config.cluster.ordinal,
             pods: topology.pods(),
             shard_total: topology.shards(),

@@ -3,14 +3,16 @@
 //! Protocol (Discord docs, "Gateway"): on connect the server sends HELLO (op 10); op 1
 //! HEARTBEAT → op 11 ACK; op 2 IDENTIFY starts a session (READY, GUILD_CREATE per guild, then
 //! the shard's script); op 6 RESUME replays the session's dispatches after the given sequence,
-//! then RESUMED, then the script continues; an unknown session gets op 9 `d: false`. Fatal
-//! problems close the socket with Discord's close codes (4004 authentication failed, 4010
-//! invalid shard, 4011 sharding required, …).
+//! then RESUMED, then the script continues; an unknown, discarded or expired session gets
+//! op 9 `d: false` (rules in `session.rs`). Fatal problems close the socket with Discord's close
+//! codes (4004 authentication failed or no session start left, 4010 invalid shard, 4011
+//! sharding required, …). A client closing with 1000/1001 discards its session.
 //!
 //! One task per connection. It never blocks on a single thing: a biased `select!` waits on
-//! shutdown, on being superseded (another connection took the shard), on the next client
-//! frame, and on script pacing; frames are written with `feed` and one `flush` per batch of
-//! [`BATCH`] (notes §2: per-frame flushes cost most of the throughput).
+//! shutdown, on being superseded (another connection took the shard), on injected faults, on
+//! the next client frame, on the end of a stall, and on script pacing; frames are written with
+//! `feed` and one `flush` per batch of [`BATCH`] (notes §2: per-frame flushes cost most of the
+//! throughput).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,13 +21,15 @@ use std::time::Duration;
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde::Deserialize;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_websockets::{CloseCode, Message, ServerBuilder, WebSocketStream};
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
+use super::Fault;
 use super::payload::{self, RenderCtx};
-use super::session::{Claim, Opened, Outgoing, Runtime};
+use super::session::{Claim, FaultReq, FaultTx, Opened, Outgoing, Resumed, Runtime};
 
 /// Frames written between two flushes.
 const BATCH: usize = 64;
@@ -47,8 +51,37 @@ mod close {
     pub const ALREADY_AUTHENTICATED: u16 = 4005;
     pub const INVALID_SHARD: u16 = 4010;
     pub const SHARDING_REQUIRED: u16 = 4011;
-    /// Websocket "going away" (RFC 6455), sent when the simulator shuts down.
+    /// Websocket "normal closure" (RFC 6455); from a client it invalidates the session.
+    pub const NORMAL: u16 = 1000;
+    /// Websocket "going away" (RFC 6455), sent when the simulator shuts down; from a client it
+    /// invalidates the session.
     pub const GOING_AWAY: u16 = 1001;
+
+    /// Discord's reason text for a close code (used for injected closes).
+    pub fn reason(code: u16) -> &'static str {
+        match code {
+            4000 => "Unknown error.",
+            4001 => "Unknown opcode.",
+            4002 => "Error while decoding payload.",
+            4003 => "Not authenticated.",
+            4004 => "Authentication failed.",
+            4005 => "Already authenticated.",
+            4007 => "Invalid seq.",
+            4008 => "Rate limited.",
+            4009 => "Session timed out.",
+            4010 => "Invalid shard.",
+            4011 => "Sharding required.",
+            4012 => "Invalid API version.",
+            4013 => "Invalid intent(s).",
+            4014 => "Disallowed intent(s).",
+            _ => "Closed by an injected fault.",
+        }
+    }
+
+    /// Close codes after which Discord wants a new session (the old one is discarded).
+    pub fn discards_session(code: u16) -> bool {
+        matches!(code, 4004 | 4007 | 4009..=4014)
+    }
 }
 
 /// Accept connections until `shutdown` turns true, then give open connections
@@ -126,6 +159,8 @@ enum End {
     ClientGone,
     /// We closed it (close code sent).
     Closed(u16),
+    /// We dropped the TCP connection (injected fault).
+    Dropped,
     /// Writing or reading failed.
     Io(tokio_websockets::Error),
 }
@@ -135,6 +170,7 @@ impl std::fmt::Display for End {
         match self {
             End::ClientGone => f.write_str("client went away"),
             End::Closed(code) => write!(f, "closed by the simulator with code {code}"),
+            End::Dropped => f.write_str("dropped by the simulator (injected fault)"),
             End::Io(error) => write!(f, "socket error: {error}"),
         }
     }
@@ -159,6 +195,15 @@ struct Conn {
     ws: WebSocketStream<TcpStream>,
     id: u64,
     stream: Option<Stream>,
+    /// Given to the runtime when this connection takes a shard, so faults reach it.
+    faults_tx: FaultTx,
+    faults_rx: mpsc::UnboundedReceiver<FaultReq>,
+    /// Silent (no ACK, no dispatch) until then: [`Fault::StopAcks`].
+    stalled_until: Option<Instant>,
+    /// Counted in a shard's `connections` already.
+    counted: bool,
+    /// Reported once the connection task has finished (faults that end the connection).
+    ack_on_end: Option<oneshot::Sender<()>>,
 }
 
 /// What woke the connection loop.
@@ -166,6 +211,8 @@ enum Wake {
     Shutdown,
     Superseded,
     Frame(Option<Result<Message, tokio_websockets::Error>>),
+    Fault(Option<FaultReq>),
+    StallOver,
     Send,
     Permit,
 }
@@ -181,18 +228,37 @@ async fn connection(rt: Arc<Runtime>, tcp: TcpStream, id: u64, shutdown: watch::
             return;
         }
     };
+    let (faults_tx, faults_rx) = mpsc::unbounded_channel();
     let mut conn = Conn {
         rt,
         ws,
         id,
         stream: None,
+        faults_tx,
+        faults_rx,
+        stalled_until: None,
+        counted: false,
+        ack_on_end: None,
     };
     let end = conn.run(shutdown).await;
     if let Some(stream) = &conn.stream {
-        conn.rt.disconnected(stream.shard, id);
+        conn.rt.disconnected(stream.shard, id, &stream.session);
         debug!(shard = stream.shard, session = %stream.session, %end, "gateway connection ended");
     } else {
-        debug!(%end, "gateway connection ended before identify");
+        debug!(%end, "gateway connection ended without a session");
+    }
+    if matches!(end, End::Dropped) {
+        // SO_LINGER 0: closing sends RST instead of FIN, the most abrupt end there is. It
+        // cannot block (the deprecation is about non-zero linger times).
+        #[allow(deprecated)]
+        if let Err(error) = conn.ws.get_ref().set_linger(Some(Duration::ZERO)) {
+            debug!(%error, "set_linger failed");
+        }
+    }
+    let ack = conn.ack_on_end.take();
+    drop(conn);
+    if let Some(ack) = ack {
+        let _ = ack.send(());
     }
 }
 
@@ -235,7 +301,11 @@ impl Conn {
             return End::Io(e);
         }
         loop {
-            let streaming = self.stream.as_ref().is_some_and(|s| !s.script_done);
+            if self.stalled_until.is_some_and(|t| t <= Instant::now()) {
+                self.stalled_until = None;
+            }
+            let stalled = self.stalled_until.is_some();
+            let streaming = !stalled && self.stream.as_ref().is_some_and(|s| !s.script_done);
             let pacer = self.rt.pacer.clone();
             // Tokens already granted for this turn (unpaced: always a full batch).
             let mut granted = if streaming {
@@ -244,12 +314,22 @@ impl Conn {
                 0
             };
             let wake = {
-                let Conn { ws, stream, id, .. } = self;
+                let Conn {
+                    ws,
+                    stream,
+                    id,
+                    faults_rx,
+                    stalled_until,
+                    ..
+                } = self;
+                let stall_end = stalled_until.unwrap_or_else(Instant::now);
                 tokio::select! {
                     biased;
                     () = stopped(&mut shutdown) => Wake::Shutdown,
                     () = superseded(stream.as_mut().map(|s| &mut s.owner), *id) => Wake::Superseded,
+                    req = faults_rx.recv() => Wake::Fault(req),
                     frame = ws.next() => Wake::Frame(frame),
+                    () = tokio::time::sleep_until(stall_end), if stalled => Wake::StallOver,
                     () = std::future::ready(()), if granted > 0 => Wake::Send,
                     () = one_token(pacer.as_deref()), if streaming && granted == 0 && pacer.is_some() => Wake::Permit,
                 }
@@ -267,7 +347,9 @@ impl Conn {
                         .await)
                 }
                 Wake::Frame(frame) => self.on_frame(frame).await,
-                Wake::Send => Ok(()),
+                Wake::Fault(Some(req)) => self.apply_fault(req).await,
+                // Unreachable: this connection holds a sender.
+                Wake::Fault(None) | Wake::StallOver | Wake::Send => Ok(()),
                 Wake::Permit => {
                     granted = 1 + take_tokens(pacer.as_deref(), BATCH - 1);
                     Ok(())
@@ -277,7 +359,8 @@ impl Conn {
                 give_back(pacer.as_deref(), granted);
                 return end;
             }
-            let still_streaming = self.stream.as_ref().is_some_and(|s| !s.script_done);
+            let still_streaming = self.stalled_until.is_none()
+                && self.stream.as_ref().is_some_and(|s| !s.script_done);
             if granted > 0 && still_streaming {
                 if let Err(end) = self.send_script(granted).await {
                     return end;
@@ -298,7 +381,15 @@ impl Conn {
             Some(Err(e)) => return Err(End::Io(e)),
             Some(Ok(message)) => message,
         };
-        if message.is_close() {
+        if let Some((code, _reason)) = message.as_close() {
+            // Discord docs: closing with 1000 or 1001 invalidates the session.
+            if matches!(u16::from(code), close::NORMAL | close::GOING_AWAY)
+                && let Some(stream) = &self.stream
+            {
+                info!(shard = stream.shard, session = %stream.session, code = u16::from(code),
+                      "client closed its session");
+                self.rt.discard(stream.shard, &stream.session);
+            }
             // tokio-websockets has queued the close reply; only polling again sends it (and then
             // ends the stream). Discord echoes the close frame, and a client that initiated the
             // close (twilight closing with 4000 to keep its session) waits for that echo: without
@@ -321,7 +412,12 @@ impl Conn {
         };
         match command.op {
             1 => {
-                self.ws.send(Message::text(payload::HEARTBEAT_ACK)).await?;
+                if let (Some(stream), Some(seq)) = (&self.stream, command.d.as_u64()) {
+                    self.rt.heartbeat(stream.shard, &stream.session, seq);
+                }
+                if self.stalled_until.is_none() {
+                    self.ws.send(Message::text(payload::HEARTBEAT_ACK)).await?;
+                }
                 Ok(())
             }
             2 => self.identify(command.d).await,
@@ -362,10 +458,25 @@ impl Conn {
             return Err(self.close(close::INVALID_SHARD, "Invalid shard.").await);
         }
         let shard = shard as u32;
+        self.count(shard);
+        if !self.rt.take_session_start() {
+            warn!(shard, "identify refused: no session start left");
+            return Err(self
+                .close(close::AUTHENTICATION_FAILED, "Authentication failed.")
+                .await);
+        }
         let owner = self.rt.watch_owner(shard);
-        let opened = self.rt.identify(shard, self.id);
-        info!(shard, session = %opened.session, "identify");
+        let opened = self.rt.identify(shard, self.id, self.faults_tx.clone());
+        info!(shard, session = %opened.session, redelivered = opened.redelivered, "identify");
         self.open(shard, owner, opened).await
+    }
+
+    /// Count this connection for `shard` (once).
+    fn count(&mut self, shard: u32) {
+        if !self.counted {
+            self.counted = true;
+            self.rt.count_connection(shard);
+        }
     }
 
     async fn resume(&mut self, d: serde_json::Value) -> Result<(), End> {
@@ -388,9 +499,25 @@ impl Conn {
         let seq = resume.seq.unwrap_or(0);
         for shard in 0..self.rt.config.shards {
             let owner = self.rt.watch_owner(shard);
-            if let Some(opened) = self.rt.resume(shard, &resume.session_id, seq, self.id) {
-                info!(shard, session = %opened.session, seq, replayed = opened.backlog.len() - 1, "resume");
-                return self.open(shard, owner, opened).await;
+            let faults = self.faults_tx.clone();
+            match self
+                .rt
+                .resume(shard, &resume.session_id, seq, self.id, faults)
+            {
+                Resumed::Unknown => {}
+                Resumed::Refused { reason } => {
+                    self.count(shard);
+                    info!(shard, session = %resume.session_id, seq, reason, "resume refused");
+                    self.ws
+                        .send(Message::text(payload::INVALID_SESSION))
+                        .await?;
+                    return Ok(());
+                }
+                Resumed::Opened(opened) => {
+                    self.count(shard);
+                    info!(shard, session = %opened.session, seq, replayed = opened.backlog.len() - 1, "resume");
+                    return self.open(shard, owner, opened).await;
+                }
             }
         }
         info!(session = %resume.session_id, seq, "resume of unknown session");
@@ -421,6 +548,63 @@ impl Conn {
             self.write(shard, &opened.session, chunk).await?;
         }
         Ok(())
+    }
+
+    /// Apply an injected fault (see [`Fault`]). `Err` ends the connection.
+    async fn apply_fault(&mut self, req: FaultReq) -> Result<(), End> {
+        let FaultReq { fault, done } = req;
+        let Some(stream) = &self.stream else {
+            // No longer holds a shard (gave it up after INVALID_SESSION): dropping `done`
+            // reports "no connection".
+            return Ok(());
+        };
+        let (shard, session) = (stream.shard, stream.session.clone());
+        info!(shard, session = %session, ?fault, "injecting fault");
+        match fault {
+            Fault::DropConnection => {
+                self.ack_on_end = Some(done);
+                Err(End::Dropped)
+            }
+            Fault::StopAcks { millis } => {
+                self.stalled_until = Some(Instant::now() + Duration::from_millis(millis));
+                let _ = done.send(());
+                Ok(())
+            }
+            Fault::Reconnect => {
+                self.ws.send(Message::text(payload::RECONNECT)).await?;
+                let _ = done.send(());
+                Ok(())
+            }
+            Fault::InvalidSession { resumable } => {
+                let frame = if resumable {
+                    payload::INVALID_SESSION_RESUMABLE
+                } else {
+                    payload::INVALID_SESSION
+                };
+                if !resumable {
+                    self.rt.discard(shard, &session);
+                }
+                // Stop streaming and give the shard up before the client can come back.
+                self.rt.disconnected(shard, self.id, &session);
+                self.stream = None;
+                self.stalled_until = None;
+                self.ws.send(Message::text(frame)).await?;
+                let _ = done.send(());
+                Ok(())
+            }
+            Fault::Close { code } => {
+                if close::discards_session(code) {
+                    self.rt.discard(shard, &session);
+                }
+                self.ack_on_end = Some(done);
+                Err(self.close(code, close::reason(code)).await)
+            }
+            Fault::Malformed => {
+                self.ws.send(Message::text(payload::BROKEN_FRAME)).await?;
+                let _ = done.send(());
+                Ok(())
+            }
+        }
     }
 
     /// Claim up to `granted` script events and write them.

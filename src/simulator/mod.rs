@@ -14,17 +14,46 @@
 //! - `payload.rs`: JSON rendering of HELLO, READY, GUILD_CREATE, MESSAGE_CREATE, ….
 //! - `session.rs`: runtime state — script cursors, session logs (for replay), the record.
 //! - `gateway.rs`: the websocket server (HELLO/heartbeat/identify/resume/replay, close codes).
-//! - `api.rs`: the axum REST server.
+//! - `api.rs`: the axum REST server (Discord routes, status, fault-injection control).
 //!
 //! # Rules the simulator keeps
-//! - A shard's script cursor only moves forward: a script event is sent as a non-replay at most
-//!   once, whatever clients do; a new session continues the script where the last one stopped.
+//! - A shard's script cursor only moves forward: a script event is sent at most once as a
+//!   dispatch that is neither a replay nor a redelivery, whatever clients do; a new session
+//!   continues the script where the last one stopped.
 //! - One live connection per shard: a newer IDENTIFY/RESUME for a shard closes the older
 //!   connection with close code 4000. That code is reconnectable, so a client that is still
 //!   alive resumes and takes the shard back: run one client per shard.
-//! - Sessions never expire: any session of a shard can be resumed while the simulator runs.
+//! - Sessions expire like Discord's: a session stays resumable while a connection holds it and
+//!   for [`SimConfig::resume_window`] after its last connection ended, as long as at most
+//!   [`SimConfig::resume_window_events`] dispatches would have to be replayed. Otherwise RESUME
+//!   gets op 9 `d: false` (counted in [`ShardStatus::resumes_refused`]) and the session is
+//!   discarded. INVALID_SESSION `false`, close codes 4004, 4007, 4009 and 4010–4014 (sent by a
+//!   [`Fault`]) and a client closing with 1000/1001 (Discord docs: that invalidates the session)
+//!   discard it as well.
+//! - **Simulator choice — redelivery on a new session.** Discord loses, for a client that must
+//!   identify again, the dispatches of the old session it had not processed. That is realistic
+//!   but makes "no message lost" untestable, so by default
+//!   ([`SimConfig::resend_unacknowledged_on_identify`]) an IDENTIFY whose shard's latest session
+//!   can no longer be resumed first re-sends, as new dispatches of the new session flagged
+//!   [`SentDispatch::redelivery`], every script event of that lost session with a sequence above
+//!   the last one the client reported (heartbeat `d`, or the `seq` of its refused RESUME), then
+//!   continues the script. Clients must be idempotent by Discord id (a message can then arrive
+//!   twice, under different sessions). An IDENTIFY while the previous session is still
+//!   resumable is the client's choice: nothing is re-sent.
 //! - Sequence numbers are per session, start at 1 (READY) and have no gaps.
 //! - Intents are not enforced: every shard gets every event of its guilds.
+//! - Session start limit: each accepted IDENTIFY uses one of
+//!   [`SimConfig::session_start_remaining`] (reported by `/gateway/bot`); once none is left,
+//!   IDENTIFY is closed with 4004 "Authentication failed." (Discord resets the token of a bot
+//!   that exceeds the limit, so its next IDENTIFY fails authentication; twilight treats 4004 as
+//!   fatal). RESUME does not use session starts.
+//!
+//! # Fault injection
+//! [`Simulator::inject`] (or `POST {api_url}/sim/shards/{shard}/faults` with a [`Fault`] as
+//! JSON) applies a [`Fault`] to the connection holding a shard: drop the TCP connection, go
+//! silent (a zombie connection), op 7 RECONNECT, op 9 INVALID_SESSION, a close code, or a
+//! broken JSON frame. A twilight client recovers from each (except fatal close codes, after
+//! which a new client must identify) and the script keeps flowing.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), shardlite::simulator::SimError> {
@@ -43,6 +72,8 @@ mod payload;
 mod session;
 mod world;
 
+#[cfg(test)]
+mod fault_tests;
 #[cfg(test)]
 mod tests;
 
@@ -95,6 +126,23 @@ pub struct SimConfig {
     pub gateway_listen: SocketAddr,
     /// REST listen address. Default `127.0.0.1:0`.
     pub api_listen: SocketAddr,
+    /// How long a session stays resumable after its last connection ended; `None` = forever.
+    /// Discord does not publish its window (sessions are resumable for "a while", observed in
+    /// the order of minutes); the default is 60 s, long enough for any restart a test makes and
+    /// short enough to expire in a test that waits for it. A session whose connection is
+    /// still open (e.g. a zombie) is always resumable. Default `Some(60 s)`.
+    pub resume_window: Option<Duration>,
+    /// Refuse a RESUME that would replay more than this many dispatches (Discord buffers a
+    /// limited number of events per session); `None` = no limit. Default `None`.
+    pub resume_window_events: Option<u64>,
+    /// When a shard IDENTIFYs while its latest session can no longer be resumed, re-send that
+    /// session's script events after the last sequence the client reported (see the module
+    /// docs, "Simulator choice"). `false` = Discord's behaviour: those events are lost to the
+    /// client (and count as sent). Default `true`.
+    pub resend_unacknowledged_on_identify: bool,
+    /// `session_start_limit.remaining` at start; each accepted IDENTIFY uses one, and an
+    /// IDENTIFY with none left is closed with 4004. Default 1 000 (Discord's daily limit).
+    pub session_start_remaining: u32,
 }
 
 impl Default for SimConfig {
@@ -111,6 +159,10 @@ impl Default for SimConfig {
             inject_malformed: false,
             gateway_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             api_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            resume_window: Some(Duration::from_secs(60)),
+            resume_window_events: None,
+            resend_unacknowledged_on_identify: true,
+            session_start_remaining: 1_000,
         }
     }
 }
@@ -129,6 +181,13 @@ impl fmt::Debug for SimConfig {
             .field("inject_malformed", &self.inject_malformed)
             .field("gateway_listen", &self.gateway_listen)
             .field("api_listen", &self.api_listen)
+            .field("resume_window", &self.resume_window)
+            .field("resume_window_events", &self.resume_window_events)
+            .field(
+                "resend_unacknowledged_on_identify",
+                &self.resend_unacknowledged_on_identify,
+            )
+            .field("session_start_remaining", &self.session_start_remaining)
             .finish()
     }
 }
@@ -181,6 +240,25 @@ pub enum SimError {
         listener: &'static str,
         /// The OS error.
         source: std::io::Error,
+    },
+    /// [`Simulator::inject`] named a shard outside `0..SimConfig::shards`.
+    #[error("unknown shard {shard}")]
+    UnknownShard {
+        /// The shard id given.
+        shard: u32,
+    },
+    /// [`Simulator::inject`]: no connection holds the shard (none identified or resumed it, or
+    /// it ended before the fault could be applied).
+    #[error("no connection holds shard {shard}")]
+    NoConnection {
+        /// The shard id given.
+        shard: u32,
+    },
+    /// [`Simulator::inject`]: the fault cannot be sent (e.g. a reserved close code).
+    #[error("invalid fault: {reason}")]
+    InvalidFault {
+        /// What is wrong with it.
+        reason: String,
     },
     /// [`Simulator::wait_all_sent`] ran out of time.
     #[error(
@@ -241,6 +319,10 @@ pub struct SentDispatch {
     pub message_id: Option<u64>,
     /// Re-sent from the session log because of a RESUME.
     pub replay: bool,
+    /// A script event of a lost session, re-sent in a new session after IDENTIFY (see
+    /// [`SimConfig::resend_unacknowledged_on_identify`]); also set on replays of such entries.
+    #[serde(default)]
+    pub redelivery: bool,
     /// An injected fault frame (see [`SimConfig::inject_malformed`]). The broken-JSON frame
     /// takes no sequence number and is not recorded.
     pub malformed: bool,
@@ -257,6 +339,9 @@ pub struct SimStatus {
     pub messages_total: u64,
     /// Every shard's whole script was sent at least once.
     pub all_sent: bool,
+    /// Session starts (IDENTIFYs) left, as `/gateway/bot` reports them.
+    #[serde(default)]
+    pub session_start_remaining: u32,
 }
 
 /// Progress of one shard.
@@ -276,8 +361,70 @@ pub struct ShardStatus {
     pub identifies: u32,
     /// Accepted RESUMEs.
     pub resumes: u32,
+    /// RESUMEs of this shard's sessions answered with op 9 `d: false` (discarded, expired,
+    /// sequence ahead, or too many dispatches to replay).
+    #[serde(default)]
+    pub resumes_refused: u32,
+    /// Websocket connections that presented an IDENTIFY or a RESUME for this shard (each
+    /// counted once, whether accepted or not; a connection that never did is counted nowhere).
+    #[serde(default)]
+    pub connections: u32,
     /// A connection holds this shard now.
     pub connected: bool,
+}
+
+/// A fault to inject into the connection holding a shard ([`Simulator::inject`], or
+/// `POST {api_url}/sim/shards/{shard}/faults` with this as JSON, e.g.
+/// `{"kind":"close","code":4009}`). What twilight 0.18 does on each is noted per variant.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Fault {
+    /// Close the TCP connection abruptly (RST, no close frame). The client reconnects and
+    /// resumes.
+    DropConnection,
+    /// Go silent for `millis` ms: no heartbeat ACK and no dispatch (a "zombie" connection;
+    /// twilight only detects one when *nothing* arrives between two heartbeats, so the
+    /// dispatches stop too). The client detects it after one or two heartbeat intervals, drops
+    /// the connection and resumes; use a small `heartbeat_interval_ms` in tests. If the stall
+    /// ends first, the connection carries on.
+    StopAcks {
+        /// Duration of the silence, in ms.
+        millis: u64,
+    },
+    /// Send op 7 RECONNECT. The client closes with 4000 and resumes.
+    Reconnect,
+    /// Send op 9 INVALID_SESSION with `d = resumable` and stop streaming on this connection
+    /// (which may IDENTIFY or RESUME again). `false` discards the session: the client closes
+    /// with 1000 and identifies again. `true`: it closes with 4000 and resumes.
+    InvalidSession {
+        /// The `d` of op 9.
+        resumable: bool,
+    },
+    /// Close the websocket with this close code. 4004, 4007, 4009, 4010–4014 also discard the
+    /// session (Discord: start a new session). Twilight resumes after reconnectable codes (for
+    /// 4007/4009 the RESUME is refused and it identifies again) and ends its stream after the
+    /// fatal ones (4004, 4010–4014). Must be a valid, non-reserved websocket close code.
+    Close {
+        /// The websocket close code.
+        code: u16,
+    },
+    /// Send a text frame of broken JSON (no sequence number). Twilight yields a
+    /// deserialization error and carries on.
+    Malformed,
+}
+
+impl Fault {
+    fn validate(&self) -> Result<(), SimError> {
+        if let Fault::Close { code } = *self {
+            let valid = tokio_websockets::CloseCode::try_from(code).is_ok_and(|c| !c.is_reserved());
+            if !valid {
+                return Err(SimError::InvalidFault {
+                    reason: format!("{code} is not a close code that can be sent"),
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The world after the whole script, for comparing with what a client stored.
@@ -409,7 +556,8 @@ impl Simulator {
         self.api_url.clone()
     }
 
-    /// Every dispatch sent so far, in send order, replays included (flagged `replay`).
+    /// Every dispatch sent so far, in send order, replays and redeliveries included (flagged
+    /// `replay` / `redelivery`).
     #[must_use]
     pub fn record(&self) -> Vec<SentDispatch> {
         self.rt.record()
@@ -443,6 +591,17 @@ impl Simulator {
             sent: status.shards.iter().map(|s| s.script_sent).sum(),
             total: status.shards.iter().map(|s| s.script_total).sum(),
         })
+    }
+
+    /// Apply `fault` to the connection holding `shard` and return once it was applied (for
+    /// [`Fault::Close`], once the close handshake finished or timed out; for
+    /// [`Fault::DropConnection`], once the socket is gone).
+    ///
+    /// # Errors
+    /// [`SimError::UnknownShard`]; [`SimError::NoConnection`] when no connection holds the
+    /// shard (or it ended first); [`SimError::InvalidFault`] for an unsendable close code.
+    pub async fn inject(&self, shard: u32, fault: Fault) -> Result<(), SimError> {
+        self.rt.inject(shard, fault).await
     }
 
     /// Stop both servers (open connections get close code 1001) and wait for their tasks.

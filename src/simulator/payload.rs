@@ -50,6 +50,12 @@ pub(crate) const HEARTBEAT_ACK: &str = r#"{"op":11,"s":null,"t":null,"d":null}"#
 /// INVALID_SESSION (op 9) with `d: false`: the session cannot be resumed.
 pub(crate) const INVALID_SESSION: &str = r#"{"op":9,"s":null,"t":null,"d":false}"#;
 
+/// INVALID_SESSION (op 9) with `d: true`: the client may resume (injected fault).
+pub(crate) const INVALID_SESSION_RESUMABLE: &str = r#"{"op":9,"s":null,"t":null,"d":true}"#;
+
+/// RECONNECT (op 7): the client should reconnect and resume (injected fault).
+pub(crate) const RECONNECT: &str = r#"{"op":7,"s":null,"t":null,"d":null}"#;
+
 /// Event type of the injected unknown dispatch.
 pub(crate) const UNKNOWN_EVENT_TYPE: &str = "SHARDLITE_UNKNOWN_EVENT";
 
@@ -85,7 +91,7 @@ pub(crate) fn describe(
             None,
             false,
         ),
-        LogEntry::Script { index } => {
+        LogEntry::Script { index, .. } => {
             let event = world.scripts[shard as usize][index as usize];
             describe_script(world, event)
         }
@@ -161,7 +167,7 @@ pub(crate) fn dispatch(ctx: &RenderCtx<'_>, seq: u64, entry: LogEntry) -> String
             o
         }
         LogEntry::GuildCreate { guild, at } => guild_create(ctx.world, seq, guild, at),
-        LogEntry::Script { index } => script_event(
+        LogEntry::Script { index, .. } => script_event(
             ctx.world,
             seq,
             ctx.world.scripts[ctx.shard as usize][index as usize],

@@ -3,18 +3,33 @@
 //!
 //! Each shard's state sits behind its own `std::sync::Mutex` (held for microseconds, never
 //! across an `.await`). Lock order is shard → record; nothing takes them the other way round.
-//! A session log is a `Vec<LogEntry>` indexed by `seq - 1`: 16 bytes per dispatch, never the
+//! A session log is a `Vec<LogEntry>` indexed by `seq - 1`: 12 bytes per dispatch, never the
 //! JSON, which is rendered again from the world on replay.
+//!
+//! # Session lifetime (see [`SimConfig`] for the knobs)
+//! A session is *held* while a connection streams it. When its last holder ends, its resume
+//! window starts (`SimConfig::resume_window`). A RESUME is refused (op 9 `d: false`) when the
+//! session was discarded, the window has passed, the sequence is ahead of the session, or more
+//! than `SimConfig::resume_window_events` dispatches would have to be replayed; a refused
+//! session is discarded. Faults (INVALID_SESSION `false`, close codes 4004/4007/4009/4010–4014)
+//! and a client closing with 1000/1001 discard it too.
+//!
+//! Each session remembers the last sequence its client reported (`acked`: heartbeat `d`, or
+//! the `seq` of a RESUME, accepted or refused). When a shard IDENTIFYs while its latest
+//! session can no longer be resumed, and `SimConfig::resend_unacknowledged_on_identify` is
+//! set, the new session first re-sends every script event of that lost session with
+//! `seq > acked` (flagged `redelivery`), then continues the script.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::time::Instant;
 
 use super::payload::{describe, mix};
 use super::world::{ScriptEvent, World};
-use super::{DispatchKind, SentDispatch, ShardStatus, SimConfig, SimStatus};
+use super::{DispatchKind, Fault, SentDispatch, ShardStatus, SimConfig, SimError, SimStatus};
 
 /// One dispatch in a session log; its sequence number is its position + 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,8 +38,9 @@ pub(crate) enum LogEntry {
     Ready,
     /// GUILD_CREATE of guild `guild` as it stood with the shard's script cursor at `at`.
     GuildCreate { guild: u32, at: u32 },
-    /// Entry `index` of the shard's script.
-    Script { index: u32 },
+    /// Entry `index` of the shard's script; `redelivery`: put in this session to re-send an
+    /// event of a lost session (see the module docs).
+    Script { index: u32, redelivery: bool },
     /// RESUMED, after the replay of a RESUME.
     Resumed,
 }
@@ -47,7 +63,31 @@ pub(crate) struct Opened {
     pub backlog: Vec<Outgoing>,
     /// The shard's script is already fully claimed.
     pub script_done: bool,
+    /// Script events of a lost session re-sent in the backlog (identify only).
+    pub redelivered: usize,
 }
+
+/// Result of a RESUME.
+#[derive(Debug)]
+pub(crate) enum Resumed {
+    /// The session is not one of this shard's.
+    Unknown,
+    /// The session is this shard's but cannot be resumed (it is now discarded).
+    Refused { reason: &'static str },
+    /// Resumed: replay + RESUMED.
+    Opened(Opened),
+}
+
+/// A fault for the connection holding a shard, and where to report it was applied (dropped
+/// unapplied when that connection no longer holds the shard).
+#[derive(Debug)]
+pub(crate) struct FaultReq {
+    pub fault: Fault,
+    pub done: oneshot::Sender<()>,
+}
+
+/// Where a connection receives faults.
+pub(crate) type FaultTx = mpsc::UnboundedSender<FaultReq>;
 
 /// Result of asking for the next script events.
 #[derive(Debug)]
@@ -71,7 +111,44 @@ struct RecordEntry {
     guild_id: Option<u64>,
     message_id: Option<u64>,
     replay: bool,
+    redelivery: bool,
     malformed: bool,
+}
+
+/// One session of a shard.
+#[derive(Debug)]
+struct SessionRt {
+    /// Dispatches by `seq - 1`.
+    log: Vec<LogEntry>,
+    /// Connection streaming this session now (0 = none).
+    holder: u64,
+    /// When the last holder ended (`None` while held).
+    ended_at: Option<Instant>,
+    /// Last sequence the client reported: heartbeat `d` or a RESUME's `seq` (never above
+    /// `log.len()`).
+    acked: u64,
+    /// Can no longer be resumed.
+    discarded: bool,
+}
+
+impl SessionRt {
+    fn new(log: Vec<LogEntry>, holder: u64) -> SessionRt {
+        SessionRt {
+            log,
+            holder,
+            ended_at: None,
+            acked: 0,
+            discarded: false,
+        }
+    }
+
+    /// The holder `conn` is gone: the resume window starts.
+    fn release(&mut self, conn: u64, now: Instant) {
+        if self.holder == conn {
+            self.holder = 0;
+            self.ended_at = Some(now);
+        }
+    }
 }
 
 /// Per-shard state.
@@ -83,12 +160,16 @@ struct ShardRt {
     sent: Vec<u64>,
     script_sent: u64,
     messages_sent: u64,
-    sessions: HashMap<Arc<str>, Vec<LogEntry>>,
+    sessions: HashMap<Arc<str>, SessionRt>,
     current_session: Option<Arc<str>>,
     /// Connection id that owns the shard now (0 = none).
     active_conn: u64,
+    /// Fault channel of `active_conn`.
+    faults: Option<FaultTx>,
     identifies: u32,
     resumes: u32,
+    resumes_refused: u32,
+    connections: u32,
 }
 
 /// Everything the gateway, REST API and public handle share.
@@ -109,6 +190,8 @@ pub(crate) struct Runtime {
     completed_shards: AtomicU64,
     next_conn: AtomicU64,
     next_session: AtomicU64,
+    /// IDENTIFYs still allowed (`session_start_limit.remaining`).
+    session_starts: AtomicU32,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -136,6 +219,7 @@ impl Runtime {
             })
             .collect();
         let (all_sent, _) = watch::channel(completed == shards);
+        let session_starts = AtomicU32::new(config.session_start_remaining);
         Runtime {
             config,
             world,
@@ -148,6 +232,7 @@ impl Runtime {
             completed_shards: AtomicU64::new(completed as u64),
             next_conn: AtomicU64::new(1),
             next_session: AtomicU64::new(1),
+            session_starts,
         }
     }
 
@@ -166,14 +251,84 @@ impl Runtime {
         self.all_sent.subscribe()
     }
 
+    /// IDENTIFYs still allowed.
+    pub(crate) fn session_start_remaining(&self) -> u32 {
+        self.session_starts.load(Ordering::Relaxed)
+    }
+
+    /// Use one session start; `false` when none is left.
+    pub(crate) fn take_session_start(&self) -> bool {
+        self.session_starts
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    /// A connection presented IDENTIFY or RESUME for `shard` (counted once per connection by
+    /// the caller).
+    pub(crate) fn count_connection(&self, shard: u32) {
+        lock(&self.shards[shard as usize]).connections += 1;
+    }
+
+    /// Why a RESUME of `session` at `seq` would be refused now, if it would.
+    fn refusal(&self, session: &SessionRt, seq: u64, now: Instant) -> Option<&'static str> {
+        let len = session.log.len() as u64;
+        if session.discarded {
+            return Some("session invalidated");
+        }
+        if seq > len {
+            return Some("sequence ahead of the session");
+        }
+        if session.holder == 0
+            && let (Some(window), Some(ended)) = (self.config.resume_window, session.ended_at)
+            && now.duration_since(ended) > window
+        {
+            return Some("resume window expired");
+        }
+        if self
+            .config
+            .resume_window_events
+            .is_some_and(|max| len - seq > max)
+        {
+            return Some("too many dispatches to replay");
+        }
+        None
+    }
+
     /// IDENTIFY accepted: `conn` takes `shard` over and a new session starts with READY and a
-    /// GUILD_CREATE per guild of the shard, rendered at the shard's current script cursor.
-    pub(crate) fn identify(&self, shard: u32, conn: u64) -> Opened {
+    /// GUILD_CREATE per guild of the shard, rendered at the shard's current script cursor,
+    /// then (if configured, see the module docs) the redelivery of a lost previous session.
+    pub(crate) fn identify(&self, shard: u32, conn: u64, faults: FaultTx) -> Opened {
         let counter = self.next_session.fetch_add(1, Ordering::Relaxed);
         let session: Arc<str> =
             format!("{:016x}{:08x}{:08x}", mix(self.world.seed), shard, counter).into();
-        let mut st = lock(&self.shards[shard as usize]);
-        self.take_over(&mut st, shard, conn);
+        let now = Instant::now();
+        let mut guard = lock(&self.shards[shard as usize]);
+        let st = &mut *guard;
+        let mut redeliver = Vec::new();
+        let previous = st
+            .current_session
+            .as_ref()
+            .and_then(|s| st.sessions.get_mut(s));
+        if let Some(prev) = previous
+            && self.refusal(prev, prev.acked, now).is_some()
+        {
+            prev.discarded = true;
+            let unacked = prev.log[prev.acked as usize..].iter();
+            let indices = unacked.filter_map(|e| match e {
+                LogEntry::Script { index, .. } => Some(*index),
+                _ => None,
+            });
+            if self.config.resend_unacknowledged_on_identify {
+                redeliver.extend(indices);
+            } else {
+                // Lost to the client, as on Discord: count them as sent so `wait_all_sent`
+                // does not wait for events nobody will ever send again.
+                for index in indices.collect::<Vec<_>>() {
+                    self.mark_sent(st, shard, index);
+                }
+            }
+        }
+        self.take_over(st, shard, conn, faults);
         let at = st.cursor;
         let mut log = vec![LogEntry::Ready];
         log.extend(
@@ -181,6 +336,10 @@ impl Runtime {
                 .iter()
                 .map(|g| LogEntry::GuildCreate { guild: *g, at }),
         );
+        log.extend(redeliver.iter().map(|&index| LogEntry::Script {
+            index,
+            redelivery: true,
+        }));
         let backlog = log
             .iter()
             .enumerate()
@@ -190,31 +349,52 @@ impl Runtime {
                 replay: false,
             })
             .collect();
-        st.sessions.insert(session.clone(), log);
+        st.sessions
+            .insert(session.clone(), SessionRt::new(log, conn));
         st.current_session = Some(session.clone());
         st.identifies += 1;
         Opened {
             session,
             backlog,
-            script_done: self.script_done(&st, shard),
+            script_done: self.script_done(st, shard),
+            redelivered: redeliver.len(),
         }
     }
 
-    /// RESUME: if `session` is a session of `shard` and `seq` is not ahead of it, `conn` takes
-    /// the shard over and gets every dispatch after `seq` again plus RESUMED. `None` means
-    /// the session is invalid (the caller sends op 9 `d: false`).
-    pub(crate) fn resume(&self, shard: u32, session: &str, seq: u64, conn: u64) -> Option<Opened> {
-        let mut st = lock(&self.shards[shard as usize]);
-        let (key, len) = st
+    /// RESUME of `session` at `seq` on `shard`. Accepted (see [`Runtime::refusal`]): `conn`
+    /// takes the shard over and gets every dispatch after `seq` again plus RESUMED. Refused:
+    /// the session is discarded and counted in `resumes_refused`.
+    pub(crate) fn resume(
+        &self,
+        shard: u32,
+        session: &str,
+        seq: u64,
+        conn: u64,
+        faults: FaultTx,
+    ) -> Resumed {
+        let now = Instant::now();
+        let mut guard = lock(&self.shards[shard as usize]);
+        let st = &mut *guard;
+        let Some((key, s)) = st
             .sessions
             .get_key_value(session)
-            .map(|(k, v)| (k.clone(), v.len()))?;
-        if seq > len as u64 {
-            return None;
+            .map(|(k, _)| k.clone())
+            .and_then(|k| st.sessions.get_mut(&k).map(|s| (k, s)))
+        else {
+            return Resumed::Unknown;
+        };
+        if let Some(reason) = self.refusal(s, seq, now) {
+            if seq <= s.log.len() as u64 {
+                s.acked = seq;
+            }
+            s.discarded = true;
+            st.resumes_refused += 1;
+            return Resumed::Refused { reason };
         }
-        self.take_over(&mut st, shard, conn);
-        let log = st.sessions.get_mut(session)?;
-        let mut backlog: Vec<Outgoing> = log[seq as usize..]
+        s.acked = seq;
+        s.holder = conn;
+        s.ended_at = None;
+        let mut backlog: Vec<Outgoing> = s.log[seq as usize..]
             .iter()
             .enumerate()
             .map(|(i, e)| Outgoing {
@@ -223,23 +403,26 @@ impl Runtime {
                 replay: true,
             })
             .collect();
-        log.push(LogEntry::Resumed);
+        s.log.push(LogEntry::Resumed);
         backlog.push(Outgoing {
-            seq: Some(log.len() as u64),
+            seq: Some(s.log.len() as u64),
             entry: LogEntry::Resumed,
             replay: false,
         });
+        self.take_over(st, shard, conn, faults);
         st.current_session = Some(key.clone());
         st.resumes += 1;
-        Some(Opened {
+        Resumed::Opened(Opened {
             session: key,
             backlog,
-            script_done: self.script_done(&st, shard),
+            script_done: self.script_done(st, shard),
+            redelivered: 0,
         })
     }
 
-    fn take_over(&self, st: &mut ShardRt, shard: u32, conn: u64) {
+    fn take_over(&self, st: &mut ShardRt, shard: u32, conn: u64, faults: FaultTx) {
         st.active_conn = conn;
+        st.faults = Some(faults);
         // Wakes the previous owner (if any), which then closes its socket.
         self.owners[shard as usize].send_replace(conn);
     }
@@ -258,14 +441,17 @@ impl Runtime {
             return Claim::Superseded;
         }
         let st = &mut *st;
-        let Some(log) = st.sessions.get_mut(session) else {
+        let Some(log) = st.sessions.get_mut(session).map(|s| &mut s.log) else {
             return Claim::Superseded;
         };
         let end = (st.cursor as usize + max).min(script.len());
         let mut items = Vec::with_capacity(end - st.cursor as usize);
         let mut broken = Vec::new();
         for index in st.cursor..end as u32 {
-            let entry = LogEntry::Script { index };
+            let entry = LogEntry::Script {
+                index,
+                redelivery: false,
+            };
             if script[index as usize].takes_seq() {
                 log.push(entry);
                 items.push(Outgoing {
@@ -298,8 +484,14 @@ impl Runtime {
         let mut st = lock(&self.shards[shard as usize]);
         let mut record = lock(&self.record);
         for item in items {
-            if let LogEntry::Script { index } = item.entry {
+            let mut redelivery = false;
+            if let LogEntry::Script {
+                index,
+                redelivery: r,
+            } = item.entry
+            {
                 self.mark_sent(&mut st, shard, index);
+                redelivery = r;
             }
             let Some(seq) = item.seq else { continue };
             let (kind, guild_id, message_id, malformed) = describe(&self.world, shard, item.entry);
@@ -311,6 +503,7 @@ impl Runtime {
                 guild_id,
                 message_id,
                 replay: item.replay,
+                redelivery,
                 malformed,
             });
         }
@@ -335,12 +528,52 @@ impl Runtime {
         }
     }
 
-    /// Connection `conn` ended; if it owned `shard`, the shard is now disconnected.
-    pub(crate) fn disconnected(&self, shard: u32, conn: u64) {
+    /// The client of `session` reported `seq` in a heartbeat.
+    pub(crate) fn heartbeat(&self, shard: u32, session: &str, seq: u64) {
+        let mut st = lock(&self.shards[shard as usize]);
+        if let Some(s) = st.sessions.get_mut(session)
+            && seq <= s.log.len() as u64
+        {
+            s.acked = seq;
+        }
+    }
+
+    /// `session` can no longer be resumed.
+    pub(crate) fn discard(&self, shard: u32, session: &str) {
+        if let Some(s) = lock(&self.shards[shard as usize]).sessions.get_mut(session) {
+            s.discarded = true;
+        }
+    }
+
+    /// Connection `conn`, streaming `session`, ended or gave the session up (INVALID_SESSION):
+    /// if it owned `shard`, the shard is now disconnected; if it held `session`, the session's
+    /// resume window starts.
+    pub(crate) fn disconnected(&self, shard: u32, conn: u64, session: &str) {
         let mut st = lock(&self.shards[shard as usize]);
         if st.active_conn == conn {
             st.active_conn = 0;
+            st.faults = None;
         }
+        if let Some(s) = st.sessions.get_mut(session) {
+            s.release(conn, Instant::now());
+        }
+    }
+
+    /// Hand `fault` to the connection holding `shard` and wait until it was applied.
+    pub(crate) async fn inject(&self, shard: u32, fault: Fault) -> Result<(), SimError> {
+        fault.validate()?;
+        let Some(st) = self.shards.get(shard as usize) else {
+            return Err(SimError::UnknownShard { shard });
+        };
+        let faults = lock(st)
+            .faults
+            .clone()
+            .ok_or(SimError::NoConnection { shard })?;
+        let (done, applied) = oneshot::channel();
+        faults
+            .send(FaultReq { fault, done })
+            .map_err(|_| SimError::NoConnection { shard })?;
+        applied.await.map_err(|_| SimError::NoConnection { shard })
     }
 
     /// Snapshot for [`Simulator::status`](super::Simulator::status).
@@ -357,7 +590,7 @@ impl Runtime {
                     .current_session
                     .as_ref()
                     .and_then(|s| st.sessions.get(s))
-                    .map_or(0, |log| log.len() as u64);
+                    .map_or(0, |s| s.log.len() as u64);
                 ShardStatus {
                     shard: i as u32,
                     session: st.current_session.as_deref().map(str::to_owned),
@@ -366,6 +599,8 @@ impl Runtime {
                     script_total: self.world.scripts[i].len() as u64,
                     identifies: st.identifies,
                     resumes: st.resumes,
+                    resumes_refused: st.resumes_refused,
+                    connections: st.connections,
                     connected: st.active_conn != 0,
                 }
             })
@@ -376,6 +611,7 @@ impl Runtime {
             messages_sent,
             messages_total: self.world.messages.len() as u64,
             all_sent,
+            session_start_remaining: self.session_start_remaining(),
         }
     }
 
@@ -391,6 +627,7 @@ impl Runtime {
                 guild_id: r.guild_id,
                 message_id: r.message_id,
                 replay: r.replay,
+                redelivery: r.redelivery,
                 malformed: r.malformed,
             })
             .collect()

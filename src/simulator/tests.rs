@@ -18,7 +18,7 @@ use super::session::LogEntry;
 use super::world::{ScriptEvent, World};
 use super::*;
 
-const TOKEN: &str = "simulated-token";
+pub(super) const TOKEN: &str = "simulated-token";
 
 fn parse(
     json: String,
@@ -113,6 +113,7 @@ fn every_payload_kind_parses_with_twilight() {
                 100 + index as u64,
                 LogEntry::Script {
                     index: index as u32,
+                    redelivery: index % 2 == 0,
                 },
             );
             match *event {
@@ -249,7 +250,7 @@ fn intents() -> Intents {
     Intents::GUILDS | Intents::GUILD_MEMBERS | Intents::GUILD_MESSAGES | Intents::MESSAGE_CONTENT
 }
 
-fn builder(sim: &Simulator, token: &str) -> ConfigBuilder {
+pub(super) fn builder(sim: &Simulator, token: &str) -> ConfigBuilder {
     ConfigBuilder::new(token.to_owned(), intents())
         .proxy_url(sim.gateway_url())
         .queue(InMemoryQueue::new(0, 0, Duration::ZERO, 0))
@@ -257,17 +258,17 @@ fn builder(sim: &Simulator, token: &str) -> ConfigBuilder {
 
 /// What one twilight shard saw.
 #[derive(Default, Debug)]
-struct Seen {
-    ready: u32,
-    guild_creates: BTreeSet<u64>,
-    messages: Vec<u64>,
-    resumed_after: Option<usize>,
-    dispatches: usize,
-    errors: u32,
+pub(super) struct Seen {
+    pub ready: u32,
+    pub guild_creates: BTreeSet<u64>,
+    pub messages: Vec<u64>,
+    pub resumed_after: Option<usize>,
+    pub dispatches: usize,
+    pub errors: u32,
 }
 
 /// Poll `shard` until `done(&seen)` or the deadline.
-async fn drive(
+pub(super) async fn drive(
     shard: &mut Shard,
     deadline: Instant,
     seen: &mut Seen,
@@ -300,7 +301,7 @@ async fn drive(
 }
 
 /// Expected MESSAGE_CREATE ids of one shard, from the record-independent world.
-fn shard_messages(sim: &Simulator, shard: u32) -> BTreeSet<u64> {
+pub(super) fn shard_messages(sim: &Simulator, shard: u32) -> BTreeSet<u64> {
     let world = &sim.rt.world;
     world.scripts[shard as usize]
         .iter()
@@ -481,7 +482,7 @@ async fn resume_replays_missed_dispatches_then_resumed() {
 }
 
 /// Run a shard until the gateway closes it; return the close code.
-async fn close_code(sim: &Simulator, token: &str, id: ShardId) -> u16 {
+pub(super) async fn close_code(sim: &Simulator, token: &str, id: ShardId) -> u16 {
     let mut shard = Shard::with_config(id, builder(sim, token).build());
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

@@ -55,10 +55,12 @@ pub async fn wait_for<T>(
 }
 
 /// Shape of the node under test.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct NodeSpec {
     pub shards: u32,
     pub partitions: u32,
+    /// More TOML sections appended to the config (e.g. `[replication]`).
+    pub extra_toml: String,
 }
 
 /// A running `shardlite run`.
@@ -79,12 +81,13 @@ impl NodeProcess {
             &config,
             format!(
                 "[discord]\ngateway_url = \"{}\"\napi_url = \"{}\"\nshards = {}\n\
-                 [cluster]\npartitions = {}\n[storage]\ndata_dir = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
+                 [cluster]\npartitions = {}\n[storage]\ndata_dir = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n{}",
                 sim.gateway_url(),
                 sim.api_url(),
                 spec.shards,
                 spec.partitions,
-                data_dir.display()
+                data_dir.display(),
+                spec.extra_toml
             ),
         )
         .unwrap();
@@ -99,6 +102,8 @@ impl NodeProcess {
             .arg(&ready)
             .env("DISCORD_TOKEN", TOKEN)
             .env("RUST_LOG", "info")
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
             .stdout(Stdio::null())
             .stderr(
                 std::fs::OpenOptions::new()

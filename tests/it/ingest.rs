@@ -23,6 +23,7 @@ async fn run_stores_every_message_exactly_once() {
     let spec = NodeSpec {
         shards: 4,
         partitions: 64,
+        ..NodeSpec::default()
     };
     let node = NodeProcess::start(dir.path(), &sim, &spec).await;
     sim.wait_all_sent(Duration::from_secs(300)).await.unwrap();
@@ -74,6 +75,7 @@ async fn malformed_dispatches_are_skipped_and_everything_else_is_stored() {
         &NodeSpec {
             shards: 2,
             partitions: 8,
+            ..NodeSpec::default()
         },
     )
     .await;
@@ -125,6 +127,7 @@ async fn a_restarted_process_resumes_its_sessions_and_loses_nothing() {
     let spec = NodeSpec {
         shards: 2,
         partitions: 16,
+        ..NodeSpec::default()
     };
     let first = NodeProcess::start(dir.path(), &sim, &spec).await;
     crate::harness::wait_for(

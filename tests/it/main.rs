@@ -3,3 +3,5 @@
 mod bad_input;
 mod harness;
 mod ingest;
+mod replication;
+mod s3;

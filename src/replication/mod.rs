@@ -1,0 +1,111 @@
+//! Replication and restore with Litestream (DESIGN §6): the rendered `litestream.yml`, restore
+//! before open, and the supervised `litestream replicate` child.
+//!
+//! | mode | shardlite renders the file | restores before open | runs `litestream replicate` |
+//! |---|---|---|---|
+//! | `child` | yes | yes | yes, supervised ([`child::LitestreamActor`]) |
+//! | `external` | yes | yes | no: a sidecar runs it with the same file |
+//! | `off` | no | no | no |
+
+pub mod child;
+pub mod litestream_config;
+pub mod restore;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::config::{Config, ReplicationMode};
+use crate::ownership::PartitionId;
+
+/// Errors of replication and restore. Each names the partition or path involved.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    /// The object store did not answer at all.
+    #[error("object store at replication.endpoint = {endpoint} is unreachable")]
+    Unreachable {
+        endpoint: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The Litestream executable could not be run.
+    #[error("cannot run {bin} (replication.litestream_bin; run scripts/install-tools)")]
+    Spawn {
+        bin: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `litestream restore` failed.
+    #[error("restore of partition {partition} failed ({status}): {stderr}")]
+    RestoreFailed {
+        partition: PartitionId,
+        status: String,
+        stderr: String,
+    },
+    /// `litestream restore` did not finish within `replication.restore_timeout_secs`.
+    #[error(
+        "restore of partition {partition} did not finish within {timeout:?} (replication.restore_timeout_secs)"
+    )]
+    RestoreTimeout {
+        partition: PartitionId,
+        timeout: Duration,
+    },
+    /// The restored file fails `quick_check`: the replica itself is damaged.
+    #[error("restored partition {partition} fails quick_check ({reason}); its replica is damaged")]
+    RestoredCorrupt {
+        partition: PartitionId,
+        reason: String,
+    },
+    /// A bad local file could not be moved aside.
+    #[error("cannot move {path} aside")]
+    MoveAside {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another file operation failed.
+    #[error("cannot write {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What [`prepare`] set up.
+#[derive(Debug)]
+pub struct Prepared {
+    /// The rendered `litestream.yml`.
+    pub config_file: PathBuf,
+    /// Per-partition restore decisions.
+    pub outcomes: Vec<restore::Outcome>,
+}
+
+/// Before any partition opens: renders and writes `data_dir/litestream.yml` for `partitions` and
+/// restores what needs restoring. Does nothing when `replication.mode = "off"`.
+///
+/// # Errors
+/// [`ReplicationError`] if the file cannot be written or a restore fails.
+pub async fn prepare(
+    config: &Config,
+    partitions: &[PartitionId],
+) -> Result<Option<Prepared>, ReplicationError> {
+    if config.replication.mode == ReplicationMode::Off {
+        return Ok(None);
+    }
+    let data_dir = litestream_config::absolute_data_dir(config);
+    std::fs::create_dir_all(&data_dir).map_err(|source| ReplicationError::Io {
+        path: data_dir.clone(),
+        source,
+    })?;
+    let config_file = data_dir.join(litestream_config::FILE_NAME);
+    litestream_config::write(&config_file, &litestream_config::render(config, partitions))
+        .map_err(|source| ReplicationError::Io {
+            path: config_file.clone(),
+            source,
+        })?;
+    let outcomes = restore::restore_before_open(config, partitions).await?;
+    Ok(Some(Prepared {
+        config_file,
+        outcomes,
+    }))
+}

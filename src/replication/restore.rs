@@ -1,0 +1,305 @@
+//! Restore before open (DESIGN §6): decide, for each owned partition, whether its file can be
+//! opened as it is, must be restored from its replica, or starts empty — before anything opens it.
+//!
+//! Litestream's restore semantics shape the order: `restore -if-db-not-exists` skips a 0-byte file
+//! as "existing", so the decision is ours, made on the file itself; `restore -if-replica-exists`
+//! exits 0 without writing anything when no replica exists, which is how "new partition" is told
+//! apart from "restored"; against an unreachable endpoint restore retries for minutes, so every
+//! restore runs under `replication.restore_timeout_secs` after a quick reachability probe. The
+//! restore writes to a temporary name and is renamed into place only when complete and healthy,
+//! so a crash mid-restore never leaves a half file that would later pass for the partition.
+
+use std::io::IsTerminal as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OpenFlags};
+use tokio::sync::Semaphore;
+
+use super::ReplicationError;
+use super::litestream_config::{absolute_data_dir, replica_url};
+use crate::config::Config;
+use crate::ownership::PartitionId;
+use crate::store::PartitionStore;
+
+/// Bound on the endpoint reachability probe.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How much of Litestream's stderr an error quotes.
+const STDERR_TAIL: usize = 600;
+
+/// What was found on disk before deciding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FileHealth {
+    /// No file.
+    Missing,
+    /// A file of 0 bytes (counts as existing for Litestream, holds nothing).
+    Empty,
+    /// `PRAGMA quick_check` says ok.
+    Healthy,
+    /// Not a database, or quick_check found damage.
+    Corrupt(String),
+}
+
+/// What restore-before-open did with one partition.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    /// The local file was healthy and is used as it is.
+    Kept,
+    /// The file was restored from its replica.
+    Restored,
+    /// No replica exists: the partition starts empty (a new partition).
+    NoReplica,
+}
+
+/// One partition's outcome.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Outcome {
+    pub partition: PartitionId,
+    pub decision: Decision,
+    /// Where a bad local file was moved (never deleted), if one was.
+    pub moved_aside: Option<PathBuf>,
+    /// Time spent on this partition.
+    pub millis: u64,
+}
+
+/// Checks a partition file without creating it: missing, empty, healthy or corrupt.
+/// Blocking (SQLite); run off the async threads.
+pub fn file_health(path: &Path) -> FileHealth {
+    match std::fs::metadata(path) {
+        Err(_) => return FileHealth::Missing,
+        Ok(m) if m.len() == 0 => return FileHealth::Empty,
+        Ok(_) => {}
+    }
+    let check = || -> rusqlite::Result<String> {
+        // Read-write without CREATE: never makes a file, and can read a WAL-mode file whose -shm
+        // is missing (a read-only connection cannot).
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.query_row("PRAGMA quick_check", [], |r| r.get(0))
+    };
+    match check() {
+        Ok(s) if s == "ok" => FileHealth::Healthy,
+        Ok(s) => FileHealth::Corrupt(s),
+        Err(e) => FileHealth::Corrupt(e.to_string()),
+    }
+}
+
+/// Restores every partition of `partitions` that needs it, at most
+/// `replication.restore_parallelism` at a time, drawing a progress bar on a terminal.
+///
+/// # Errors
+/// [`ReplicationError`] for the first partition that could not be decided: the endpoint is
+/// unreachable, Litestream failed or timed out, or a bad file could not be moved aside. Nothing is
+/// opened or created for any partition in that case.
+pub async fn restore_before_open(
+    config: &Config,
+    partitions: &[PartitionId],
+) -> Result<Vec<Outcome>, ReplicationError> {
+    let data_dir = absolute_data_dir(config);
+    let dir = data_dir.join("partitions");
+    std::fs::create_dir_all(&dir).map_err(|source| ReplicationError::Io {
+        path: dir.clone(),
+        source,
+    })?;
+    let healths = {
+        let paths: Vec<PathBuf> = partitions
+            .iter()
+            .map(|p| PartitionStore::path_in(&data_dir, *p))
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            paths.iter().map(|p| file_health(p)).collect::<Vec<_>>()
+        })
+        .await
+        .expect("file_health does not panic")
+    };
+    if healths.iter().any(|h| *h != FileHealth::Healthy) {
+        probe_endpoint(config).await?;
+    }
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(partitions.len() as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_message("restoring partitions");
+    let permits = Arc::new(Semaphore::new(
+        config.replication.restore_parallelism.max(1),
+    ));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (&partition, health) in partitions.iter().zip(healths) {
+        let permits = permits.clone();
+        let config = config.clone();
+        let data_dir = data_dir.clone();
+        tasks.spawn(async move {
+            let _permit = permits
+                .acquire_owned()
+                .await
+                .expect("semaphore is never closed");
+            restore_one(&config, &data_dir, partition, health).await
+        });
+    }
+    let mut outcomes = Vec::with_capacity(partitions.len());
+    while let Some(joined) = tasks.join_next().await {
+        let outcome = joined.expect("restore task does not panic")?;
+        bar.inc(1);
+        outcomes.push(outcome);
+    }
+    bar.finish_and_clear();
+    outcomes.sort_by_key(|o| o.partition);
+    Ok(outcomes)
+}
+
+async fn restore_one(
+    config: &Config,
+    data_dir: &Path,
+    partition: PartitionId,
+    health: FileHealth,
+) -> Result<Outcome, ReplicationError> {
+    let started = Instant::now();
+    let path = PartitionStore::path_in(data_dir, partition);
+    let mut moved_aside = None;
+    match &health {
+        FileHealth::Healthy => {
+            return Ok(Outcome {
+                partition,
+                decision: Decision::Kept,
+                moved_aside,
+                millis: 0,
+            });
+        }
+        FileHealth::Missing => {}
+        FileHealth::Empty | FileHealth::Corrupt(_) => {
+            tracing::warn!(%partition, path = %path.display(), ?health, "partition file unusable; moving it aside and restoring");
+            moved_aside = Some(move_aside(&path)?);
+        }
+    }
+    let tmp = path.with_extension("sqlite3.restoring");
+    // Our own leftover from an interrupted restore; it never held the partition.
+    remove_if_exists(&tmp)?;
+    let timeout = Duration::from_secs(config.replication.restore_timeout_secs);
+    let mut cmd = tokio::process::Command::new(&config.replication.litestream_bin);
+    cmd.args(["restore", "-if-replica-exists", "-o"])
+        .arg(&tmp)
+        .arg(replica_url(config, partition))
+        .env_remove("AWS_CA_BUNDLE")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let child = cmd.spawn().map_err(|source| ReplicationError::Spawn {
+        bin: config.replication.litestream_bin.clone(),
+        source,
+    })?;
+    let output = match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(Ok(output)) => output,
+        Ok(Err(source)) => {
+            return Err(ReplicationError::Spawn {
+                bin: config.replication.litestream_bin.clone(),
+                source,
+            });
+        }
+        Err(_) => return Err(ReplicationError::RestoreTimeout { partition, timeout }),
+    };
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let tail = &stderr[stderr.len().saturating_sub(STDERR_TAIL)..];
+        return Err(ReplicationError::RestoreFailed {
+            partition,
+            status: output.status.to_string(),
+            stderr: tail.trim().to_owned(),
+        });
+    }
+    let decision = if tmp.exists() {
+        let check = tmp.clone();
+        let health = tokio::task::spawn_blocking(move || file_health(&check))
+            .await
+            .expect("file_health does not panic");
+        if health != FileHealth::Healthy {
+            return Err(ReplicationError::RestoredCorrupt {
+                partition,
+                reason: format!("{health:?}"),
+            });
+        }
+        std::fs::rename(&tmp, &path).map_err(|source| ReplicationError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        Decision::Restored
+    } else {
+        Decision::NoReplica
+    };
+    let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    tracing::info!(%partition, ?decision, millis, "restore decided");
+    Ok(Outcome {
+        partition,
+        decision,
+        moved_aside,
+        millis,
+    })
+}
+
+/// Renames a bad partition file (with its `-wal`, `-shm` and Litestream's `.NAME-litestream`
+/// metadata directory, which describes the old file) to `NAME.corrupt-UNIXSECS…`. Returns the new
+/// name of the database file.
+fn move_aside(path: &Path) -> Result<PathBuf, ReplicationError> {
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut moved = None;
+    let companions = [
+        name.clone(),
+        format!("{name}-wal"),
+        format!("{name}-shm"),
+        format!(".{name}-litestream"),
+    ];
+    for companion in companions {
+        let from = dir.join(&companion);
+        if from.exists() {
+            let to = dir.join(format!("{companion}.corrupt-{stamp}"));
+            std::fs::rename(&from, &to).map_err(|source| ReplicationError::MoveAside {
+                path: from.clone(),
+                source,
+            })?;
+            if companion == name {
+                moved = Some(to);
+            }
+        }
+    }
+    Ok(moved.unwrap_or_else(|| path.to_owned()))
+}
+
+fn remove_if_exists(path: &Path) -> Result<(), ReplicationError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(ReplicationError::Io {
+            path: path.to_owned(),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Fails fast when the object store cannot be reached at all: any HTTP answer (even 403 or 404)
+/// means reachable; a refused or timed-out connection does not. Litestream itself would retry for
+/// minutes before saying so.
+async fn probe_endpoint(config: &Config) -> Result<(), ReplicationError> {
+    let endpoint = config.replication.endpoint.clone().unwrap_or_default();
+    let client = reqwest::Client::builder()
+        .timeout(PROBE_TIMEOUT)
+        .build()
+        .map_err(|source| ReplicationError::Unreachable {
+            endpoint: endpoint.clone(),
+            source,
+        })?;
+    match client.head(&endpoint).send().await {
+        Ok(_) => Ok(()),
+        Err(source) => Err(ReplicationError::Unreachable { endpoint, source }),
+    }
+}
