@@ -77,6 +77,22 @@ pub struct DemoArgs {
     /// Never draw a progress bar (it is drawn only on a terminal anyway).
     #[arg(long)]
     pub no_progress: bool,
+    /// Where the partitions replicate: `local` starts a local S3 server (moto) and a supervised
+    /// Litestream child, then proves a lost data dir comes back from the replica; `none` skips it.
+    #[arg(long, value_enum, default_value = "local")]
+    pub replica: DemoReplica,
+    /// Directory holding `litestream` and `moto_server` (installed by scripts/install-tools).
+    #[arg(long, default_value = ".tools/bin")]
+    pub tools: PathBuf,
+}
+
+/// The demo's replica.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DemoReplica {
+    /// A local S3 server and Litestream.
+    Local,
+    /// No replication.
+    None,
 }
 
 /// `shardlite simulate`.

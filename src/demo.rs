@@ -6,15 +6,18 @@
 //! the node gracefully, and compares the files with the simulator's record.
 
 use std::io::IsTerminal as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::cli::DemoArgs;
-use crate::config::{Config, ConfigError, Secret};
+use crate::cli::{DemoArgs, DemoReplica};
+use crate::config::{Config, ConfigError, ReplicationMode, Secret};
+use crate::ownership::{PartitionId, Topology};
+use crate::replication::restore::{Decision, restore_before_open};
 use crate::node::{Node, NodeError, NodeStatus};
-use crate::simulator::{SimConfig, SimError, SimStatus, Simulator};
+use crate::simulator::{Expected, SimConfig, SimError, SimStatus, Simulator};
 use crate::store::StoreError;
 use crate::verify::{Verification, verify};
 
@@ -44,6 +47,10 @@ pub enum DemoError {
     },
     #[error("the node did not commit the last dispatches within {0:?}")]
     CatchUp(Duration),
+    #[error("local replica: {0}")]
+    LocalS3(String),
+    #[error(transparent)]
+    Replication(#[from] crate::replication::ReplicationError),
 }
 
 /// What the demo measured and found.
@@ -51,7 +58,9 @@ pub enum DemoError {
 pub struct DemoReport {
     /// Where the partition files are.
     pub data_dir: PathBuf,
-    /// From node start until every dispatch was committed.
+    /// Node start: `/gateway/bot`, restore decisions (with a replica), opening the partitions.
+    pub startup: Duration,
+    /// From the node's start returning until every dispatch was committed.
     pub elapsed: Duration,
     /// Dispatches the simulator sent (READY, GUILD_CREATE, the script).
     pub dispatches: u64,
@@ -59,6 +68,31 @@ pub struct DemoReport {
     pub messages: u64,
     /// The exactly-once check.
     pub verification: Verification,
+    /// The lost-disk check, with a local replica: the data dir was removed and restored.
+    pub restore: Option<RestoreCheck>,
+}
+
+/// The data dir was removed after the run and every partition restored from its replica.
+#[derive(Debug)]
+pub struct RestoreCheck {
+    /// Partitions restored from a replica (all of them, when replication worked).
+    pub restored: usize,
+    /// Partitions in total.
+    pub partitions: usize,
+    /// Time to restore them all (Litestream, `replication.restore_parallelism` at a time).
+    pub elapsed: Duration,
+    /// The exactly-once check on the restored files.
+    pub verification: Verification,
+}
+
+impl DemoReport {
+    /// True when every check passed: exactly once after ingest, and after restore if one ran.
+    pub fn passed(&self) -> bool {
+        self.verification.is_exact()
+            && self.restore.as_ref().is_none_or(|r| {
+                r.restored == r.partitions && r.verification.is_exact()
+            })
+    }
 }
 
 impl DemoReport {
@@ -73,6 +107,11 @@ impl std::fmt::Display for DemoReport {
         let v = &self.verification;
         let t = &v.totals;
         writeln!(f, "data dir            {}", self.data_dir.display())?;
+        writeln!(
+            f,
+            "startup             {:.2}s (gateway info, restore decisions, opening partitions)",
+            self.startup.as_secs_f64()
+        )?;
         writeln!(
             f,
             "ingest              {} dispatches ({} MESSAGE_CREATE) in {:.2}s = {:.0} events/s",
@@ -111,13 +150,27 @@ impl std::fmt::Display for DemoReport {
         if let Some(m) = v.guild_mismatches.first() {
             writeln!(f, "first mismatch      {m:?}")?;
         }
+        if let Some(r) = &self.restore {
+            writeln!(
+                f,
+                "lost disk           data dir removed; {} of {} partitions restored from the replica in {:.2}s; \
+                 stored {} · missing {} · duplicate {} · guild mismatches {}",
+                r.restored,
+                r.partitions,
+                r.elapsed.as_secs_f64(),
+                r.verification.stored_messages,
+                r.verification.missing,
+                r.verification.duplicates,
+                r.verification.guild_mismatches.len()
+            )?;
+        }
         write!(
             f,
             "result              {}",
-            if v.is_exact() {
-                "OK: every message stored exactly once"
-            } else {
-                "FAILED"
+            match (self.passed(), self.restore.is_some()) {
+                (true, true) => "OK: every message stored exactly once, and restored from the replica",
+                (true, false) => "OK: every message stored exactly once",
+                (false, _) => "FAILED",
             }
         )
     }
@@ -158,6 +211,19 @@ pub async fn run(args: &DemoArgs) -> Result<DemoReport, DemoError> {
     config.discord.token = Some(Secret::new(SimConfig::default().token));
     config.cluster.partitions = args.partitions;
     config.storage.data_dir = data_dir.clone();
+    let local_s3 = match args.replica {
+        DemoReplica::Local => {
+            let s3 = LocalS3::start(&args.tools).await?;
+            let r = &mut config.replication;
+            r.mode = ReplicationMode::Child;
+            r.endpoint = Some(s3.endpoint.clone());
+            r.bucket = Some(LocalS3::BUCKET.into());
+            r.prefix = format!("demo-{}", std::process::id());
+            r.litestream_bin = args.tools.join("litestream");
+            Some(s3)
+        }
+        DemoReplica::None => None,
+    };
     config.validate()?;
     let topology = config.topology();
 
@@ -174,8 +240,11 @@ pub async fn run(args: &DemoArgs) -> Result<DemoReport, DemoError> {
     );
     bar.set_message("ingesting");
 
+    let starting = Instant::now();
+    let node = Node::start(config.clone()).await?;
+    // Ingest is timed from here: restore decisions and file opening are reported apart.
+    let startup = starting.elapsed();
     let started = Instant::now();
-    let node = Node::start(config).await?;
     {
         let all_sent = sim.wait_all_sent(SEND_DEADLINE);
         tokio::pin!(all_sent);
@@ -207,19 +276,131 @@ pub async fn run(args: &DemoArgs) -> Result<DemoReport, DemoError> {
     let record = sim.record();
     let dispatches = record.iter().filter(|d| !d.replay && !d.redelivery).count() as u64;
     let messages = sim.status().messages_total;
-    let expected = sim.expected();
+    let expected = Arc::new(sim.expected());
     sim.shutdown().await;
-    let dir = data_dir.clone();
-    let verification = tokio::task::spawn_blocking(move || verify(&dir, topology, &expected))
-        .await
-        .expect("verification does not panic")?;
+    let verification = verify_blocking(&data_dir, topology, &expected).await?;
+    let restore = match local_s3 {
+        Some(s3) => {
+            let check = lost_disk(&config, &expected).await;
+            s3.stop().await;
+            Some(check?)
+        }
+        None => None,
+    };
     Ok(DemoReport {
         data_dir,
+        startup,
         elapsed,
         dispatches,
         messages,
         verification,
+        restore,
     })
+}
+
+async fn verify_blocking(
+    data_dir: &Path,
+    topology: Topology,
+    expected: &Arc<Expected>,
+) -> Result<Verification, StoreError> {
+    let dir = data_dir.to_owned();
+    let expected = expected.clone();
+    tokio::task::spawn_blocking(move || verify(&dir, topology, &expected))
+        .await
+        .expect("verification does not panic")
+}
+
+/// Moves the data dir away (kept beside it as `….lost`), restores every partition from its
+/// replica exactly as a starting node would, and checks the restored files.
+async fn lost_disk(config: &Config, expected: &Arc<Expected>) -> Result<RestoreCheck, DemoError> {
+    let data_dir = &config.storage.data_dir;
+    let lost = data_dir.with_extension("lost");
+    std::fs::rename(data_dir, &lost).map_err(|source| DemoError::DataDir {
+        path: data_dir.clone(),
+        source,
+    })?;
+    let topology = config.topology();
+    let partitions: Vec<PartitionId> = (0..topology.partitions()).map(PartitionId).collect();
+    let started = Instant::now();
+    let outcomes = restore_before_open(config, &partitions).await?;
+    let elapsed = started.elapsed();
+    let restored = outcomes
+        .iter()
+        .filter(|o| o.decision == Decision::Restored)
+        .count();
+    let verification = verify_blocking(data_dir, topology, expected).await?;
+    Ok(RestoreCheck {
+        restored,
+        partitions: partitions.len(),
+        elapsed,
+        verification,
+    })
+}
+
+/// A local S3-compatible server (moto) for the demo's replica, stopped when dropped.
+struct LocalS3 {
+    child: tokio::process::Child,
+    endpoint: String,
+}
+
+impl LocalS3 {
+    const BUCKET: &'static str = "shardlite-demo";
+    const START_DEADLINE: Duration = Duration::from_secs(60);
+
+    async fn start(tools: &Path) -> Result<Self, DemoError> {
+        let bin = tools.join("moto_server");
+        for needed in [&bin, &tools.join("litestream")] {
+            if !needed.exists() {
+                return Err(DemoError::LocalS3(format!(
+                    "{} not found: run scripts/install-tools, or pass --replica none",
+                    needed.display()
+                )));
+            }
+        }
+        if std::env::var_os("AWS_ACCESS_KEY_ID").is_none() {
+            return Err(DemoError::LocalS3(
+                "Litestream needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (any values work \
+                 for the local server; scripts/demo sets them)"
+                    .into(),
+            ));
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| DemoError::LocalS3(format!("no free port: {e}")))?
+            .port();
+        let child = tokio::process::Command::new(&bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| DemoError::LocalS3(format!("cannot start {}: {e}", bin.display())))?;
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Self::START_DEADLINE;
+        // moto accepts unsigned requests: creating the bucket is also the readiness probe.
+        loop {
+            match client.put(format!("{endpoint}/{}", Self::BUCKET)).send().await {
+                Ok(r) if r.status().is_success() => break,
+                _ if Instant::now() > deadline => {
+                    return Err(DemoError::LocalS3(format!(
+                        "{} did not answer within {:?}",
+                        bin.display(),
+                        Self::START_DEADLINE
+                    )));
+                }
+                _ => tokio::time::sleep(TICK / 4).await,
+            }
+        }
+        tracing::info!(%endpoint, bucket = Self::BUCKET, "local S3 server for the demo's replica");
+        Ok(Self { child, endpoint })
+    }
+
+    async fn stop(mut self) {
+        // Already gone is as good as stopped.
+        let _ = self.child.kill().await;
+    }
 }
 
 /// True when, for every shard, every partition has committed the simulator's current session up

@@ -58,7 +58,7 @@ async fn dispatch(command: Command) -> ExitCode {
         Command::Demo(args) => match demo::run(&args).await {
             Ok(report) => {
                 println!("{report}");
-                if report.verification.is_exact() {
+                if report.passed() {
                     ExitCode::SUCCESS
                 } else {
                     ExitCode::FAILURE

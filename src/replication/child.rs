@@ -170,7 +170,9 @@ impl LitestreamState {
             .arg(&self.args.config_file)
             // Breaks every S3 call of Litestream's AWS SDK (measured); never meant for it.
             .env_remove("AWS_CA_BUNDLE")
-            .stdin(std::process::Stdio::null());
+            .stdin(std::process::Stdio::null())
+            // Litestream logs to stdout; ours is for command output, so its log joins our log.
+            .stdout(std::io::stderr());
         // SAFETY: `pre_exec` runs in the forked child before exec; prctl(PR_SET_PDEATHSIG) is
         // async-signal-safe and touches no memory of the parent.
         #[allow(unsafe_code)]

@@ -279,3 +279,21 @@ async fn litestream_parses_the_rendered_config_as_s3_replicas() {
         "no credentials: {text}"
     );
 }
+
+#[test]
+fn committed_litestream_yml_is_the_rendering_of_the_spaces_example() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = command()
+        .args(["litestream", "config", "--config"])
+        .arg(root.join("config/spaces.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let committed = std::fs::read_to_string(root.join("litestream.yml")).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        committed,
+        "litestream.yml drifted: render it again with \
+         `shardlite litestream config --config config/spaces.toml > litestream.yml`"
+    );
+}
