@@ -14,9 +14,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::cli::{DemoArgs, DemoReplica};
 use crate::config::{Config, ConfigError, ReplicationMode, Secret};
+use crate::node::{Node, NodeError, NodeStatus};
 use crate::ownership::{PartitionId, Topology};
 use crate::replication::restore::{Decision, restore_before_open};
-use crate::node::{Node, NodeError, NodeStatus};
 use crate::simulator::{Expected, SimConfig, SimError, SimStatus, Simulator};
 use crate::store::StoreError;
 use crate::verify::{Verification, verify};
@@ -89,9 +89,10 @@ impl DemoReport {
     /// True when every check passed: exactly once after ingest, and after restore if one ran.
     pub fn passed(&self) -> bool {
         self.verification.is_exact()
-            && self.restore.as_ref().is_none_or(|r| {
-                r.restored == r.partitions && r.verification.is_exact()
-            })
+            && self
+                .restore
+                .as_ref()
+                .is_none_or(|r| r.restored == r.partitions && r.verification.is_exact())
     }
 }
 
@@ -168,7 +169,8 @@ impl std::fmt::Display for DemoReport {
             f,
             "result              {}",
             match (self.passed(), self.restore.is_some()) {
-                (true, true) => "OK: every message stored exactly once, and restored from the replica",
+                (true, true) =>
+                    "OK: every message stored exactly once, and restored from the replica",
                 (true, false) => "OK: every message stored exactly once",
                 (false, _) => "FAILED",
             }
@@ -381,7 +383,11 @@ impl LocalS3 {
         let deadline = Instant::now() + Self::START_DEADLINE;
         // moto accepts unsigned requests: creating the bucket is also the readiness probe.
         loop {
-            match client.put(format!("{endpoint}/{}", Self::BUCKET)).send().await {
+            match client
+                .put(format!("{endpoint}/{}", Self::BUCKET))
+                .send()
+                .await
+            {
                 Ok(r) if r.status().is_success() => break,
                 _ if Instant::now() > deadline => {
                     return Err(DemoError::LocalS3(format!(

@@ -288,7 +288,11 @@ fn committed_litestream_yml_is_the_rendering_of_the_spaces_example() {
         .arg(root.join("config/spaces.toml"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let committed = std::fs::read_to_string(root.join("litestream.yml")).unwrap();
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
