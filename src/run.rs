@@ -24,6 +24,9 @@ pub enum RunError {
     /// The node failed to start or stopped on its own.
     #[error(transparent)]
     Node(#[from] NodeError),
+    /// The Prometheus recorder could not be installed.
+    #[error("cannot install the metrics recorder: {0}")]
+    Metrics(String),
     /// The ready file could not be written.
     #[error("cannot write ready file {path}")]
     ReadyFile {
@@ -52,18 +55,22 @@ pub async fn run(
     let http_addr = listener
         .local_addr()
         .map_err(|source| RunError::Listen { addr, source })?;
+    // The process-wide recorder behind the `metrics` macros; /metrics renders it.
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| RunError::Metrics(e.to_string()))?;
     let mut node = Node::start(config).await?;
     let status = node.status_handle();
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let http = tokio::spawn(crate::http::serve(
         listener,
-        crate::http::router(status.clone()),
+        crate::http::router(status.clone(), metrics),
         async move {
             // Either a stop request or the sender dropped: both mean stop.
             let _ = http_stopped.await;
         },
     ));
-    tracing::info!(http = %http_addr, "serving /healthz and /readyz");
+    tracing::info!(http = %http_addr, "serving /healthz, /readyz and /metrics");
     let ready = async {
         loop {
             if status.status(READY_POLL * 50).await.is_ok_and(|s| s.ready) {

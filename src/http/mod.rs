@@ -1,5 +1,5 @@
-//! HTTP: health and readiness (DESIGN §8). The guild API, metrics and the router arrive with the
-//! HTTP work; this module already owns the listener so they slot in as routes.
+//! HTTP: health, readiness and Prometheus metrics (DESIGN §8). The guild API and the router arrive
+//! with the HTTP work; this module already owns the listener so they slot in as routes.
 
 use std::future::Future;
 use std::time::Duration;
@@ -10,23 +10,49 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 
+use metrics_exporter_prometheus::PrometheusHandle;
+
 use crate::node::StatusHandle;
 
 /// Bound on gathering the node's status for one request.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The gateway pod's routes: `GET /healthz` (the process answers: 200 `ok`) and `GET /readyz`
-/// (200 when every owned partition is open and every owned shard is receiving dispatches, else
-/// 503; the body is the node's status as JSON either way).
-pub fn router(status: StatusHandle) -> Router {
+/// What the handlers share.
+#[derive(Clone)]
+struct AppState {
+    status: StatusHandle,
+    metrics: PrometheusHandle,
+}
+
+/// The gateway pod's routes, none of them authenticated (health and metrics never are):
+/// - `GET /healthz`: 200 `ok` while the process answers;
+/// - `GET /readyz`: 200 when every owned partition is open and every owned shard is receiving
+///   dispatches, else 503; the body is the node's status as JSON either way;
+/// - `GET /metrics`: Prometheus text format (see [`crate::node::metrics`] for the names).
+pub fn router(status: StatusHandle, metrics: PrometheusHandle) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .with_state(status)
+        .route("/metrics", get(metrics_text))
+        .with_state(AppState { status, metrics })
 }
 
-async fn readyz(State(status): State<StatusHandle>) -> impl IntoResponse {
-    match status.status(STATUS_TIMEOUT).await {
+async fn metrics_text(State(app): State<AppState>) -> impl IntoResponse {
+    // Sequence gauges are read from the tree at scrape time rather than pushed on every dispatch.
+    if let Ok(status) = app.status.status(STATUS_TIMEOUT).await {
+        crate::node::metrics::record_status(&status);
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        app.metrics.render(),
+    )
+}
+
+async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
+    match app.status.status(STATUS_TIMEOUT).await {
         Ok(s) if s.ready => (
             StatusCode::OK,
             Json(serde_json::to_value(s).unwrap_or_default()),

@@ -11,6 +11,7 @@
 
 pub mod discord;
 pub mod identify_queue;
+pub mod metrics;
 pub mod partition;
 pub mod restart;
 pub mod root;

@@ -174,6 +174,8 @@ impl PartitionState {
                 "dispatches arrived before any session start");
         }
         self.in_flight.add_permits(dispatches);
+        metrics::counter!(super::metrics::DISPATCHES_APPLIED, "partition" => self.partition.to_string())
+            .increment(outcome.applied + outcome.ignored);
         // Reuse the allocation for the next batch.
         self.buffer = ops;
         self.buffer.clear();

@@ -21,6 +21,7 @@ use twilight_gateway::{
 use twilight_model::gateway::event::{DispatchEvent, Event, GatewayEvent};
 
 use super::identify_queue::IdentifyQueue;
+use super::metrics as metric;
 use super::partition::PartitionMsg;
 use crate::ownership::Topology;
 use crate::store::{AppliedSession, Op, SessionStart};
@@ -401,12 +402,16 @@ impl Pump {
             }
             Ok(Message::Close(frame)) => {
                 tracing::info!(shard = self.shard_id, ?frame, "gateway connection closed");
+                metrics::counter!(metric::RECONNECTS, "shard" => self.shard_id.to_string())
+                    .increment(1);
                 self.last_close_code = frame.as_ref().map(|f| f.code);
                 self.fatal_exit()
             }
             Err(e) => {
                 match e.kind() {
                     ReceiveMessageErrorType::Deserializing { event } => {
+                        metrics::counter!(metric::MALFORMED, "shard" => self.shard_id.to_string())
+                            .increment(1);
                         tracing::warn!(shard = self.shard_id, error = %e,
                             frame = %truncate(event, LOGGED_FRAME_BYTES), "malformed gateway frame skipped");
                     }
@@ -438,6 +443,8 @@ impl Pump {
                     }
                     _ => String::new(),
                 };
+                metrics::counter!(metric::MALFORMED, "shard" => self.shard_id.to_string())
+                    .increment(1);
                 tracing::warn!(shard = self.shard_id, error = %e, source = ?std::error::Error::source(&e),
                     %frame, "malformed dispatch skipped");
                 return;
@@ -446,22 +453,36 @@ impl Pump {
         match &event {
             DispatchEvent::Ready(ready) => {
                 self.live.identifies.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(metric::IDENTIFIES, "shard" => self.shard_id.to_string())
+                    .increment(1);
                 *self.live.session_id.lock().expect("not poisoned") =
                     Some(ready.session_id.clone());
-                let start = SessionStart {
-                    shard_id: self.shard_id,
-                    shard_total: self.topology.shards(),
-                    session_id: ready.session_id.clone(),
-                    resume_url: ready.resume_gateway_url.clone(),
-                };
-                tracing::info!(shard = self.shard_id, session = %start.session_id, "session started (identify)");
+                tracing::info!(shard = self.shard_id, session = %ready.session_id, guilds = ready.guilds.len(),
+                    "session started (identify)");
                 self.last_watermark = 0;
-                for p in &self.partitions {
-                    self.send(p, Op::Session(start.clone()));
+                let shards = self.topology.shards();
+                let mut per_partition = vec![Vec::new(); self.partitions.len()];
+                for g in &ready.guilds {
+                    let p = self.topology.partition_of_guild(g.id.get());
+                    if let Some(list) = per_partition.get_mut((p.0 / shards) as usize) {
+                        list.push(g.id.get());
+                    }
+                }
+                for (partition, guilds) in self.partitions.iter().zip(per_partition) {
+                    let start = SessionStart {
+                        shard_id: self.shard_id,
+                        shard_total: shards,
+                        session_id: ready.session_id.clone(),
+                        resume_url: ready.resume_gateway_url.clone(),
+                        guilds,
+                    };
+                    self.send(partition, Op::Session(start));
                 }
             }
             DispatchEvent::Resumed => {
                 self.live.resumes.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(metric::RESUMES, "shard" => self.shard_id.to_string())
+                    .increment(1);
                 tracing::info!(shard = self.shard_id, seq, "session resumed");
                 return;
             }

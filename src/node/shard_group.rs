@@ -109,7 +109,13 @@ impl Actor for ShardGroupActor {
             ShardGroupMsg::Restart(generation) => {
                 if generation == state.generation && !state.stopping {
                     state.restarts += 1;
-                    state.start_children(&myself).await?;
+                    metrics::counter!(super::metrics::GROUP_RESTARTS, "shard" => state.shard_id.to_string())
+                        .increment(1);
+                    if let Err(e) = state.start_children(&myself).await {
+                        // A restart that cannot start counts as one more failure of the group.
+                        let reason = format!("restart failed: {e}");
+                        state.on_failure(&myself, reason).await?;
+                    }
                 }
             }
             ShardGroupMsg::Status(reply) => {
@@ -152,25 +158,35 @@ impl Actor for ShardGroupActor {
             return Ok(()); // a child we stopped ourselves, or one of an older generation
         }
         tracing::warn!(shard = state.shard_id, %reason, "shard group child failed; restarting the group");
-        state.stop_children().await;
-        match state.tracker.on_failure(Instant::now()) {
+        state.on_failure(&myself, reason).await
+    }
+}
+
+impl ShardGroupState {
+    /// One-for-all: stops every child, then restarts the group after the policy's backoff, or
+    /// gives up (escalating to the node) past the restart intensity.
+    async fn on_failure(
+        &mut self,
+        myself: &ActorRef<ShardGroupMsg>,
+        reason: String,
+    ) -> Result<(), ActorProcessingErr> {
+        self.stop_children().await;
+        match self.tracker.on_failure(Instant::now()) {
             Decision::RestartAfter(delay) => {
-                state.generation += 1;
-                let generation = state.generation;
+                self.generation += 1;
+                let generation = self.generation;
                 myself.send_after(delay, move || ShardGroupMsg::Restart(generation));
                 Ok(())
             }
             Decision::GiveUp { failures } => Err(format!(
                 "shard group {} gave up after {failures} failures within {}s; last: {reason}",
-                state.shard_id,
-                state.ctx.policy.window.as_secs()
+                self.shard_id,
+                self.ctx.policy.window.as_secs()
             )
             .into()),
         }
     }
-}
 
-impl ShardGroupState {
     /// Spawns the partitions, reads what they committed, then spawns the shard resuming from it.
     async fn start_children(
         &mut self,

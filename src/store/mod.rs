@@ -64,12 +64,17 @@ pub struct SessionStart {
     pub session_id: String,
     /// Discord's `resume_gateway_url`.
     pub resume_url: String,
+    /// The guilds READY listed for this session that belong to this partition. Cached guilds
+    /// not among them are marked unavailable (kept, not deleted): the bot may have left them
+    /// while the session was gone, and GUILD_CREATE/GUILD_DELETE will tell.
+    pub guilds: Vec<u64>,
 }
 
 /// One step of a partition's input, in the order the shard routed it.
 #[derive(Clone, Debug)]
 pub enum Op {
-    /// A new session starts; the partition's cached guild state becomes stale until GUILD_CREATE.
+    /// A new session starts; the partition's cached guild state becomes stale until GUILD_CREATE,
+    /// and guilds absent from the session become unavailable.
     Session(SessionStart),
     /// A decoded dispatch with its gateway sequence number.
     Dispatch {
@@ -302,7 +307,7 @@ impl PartitionStore {
                         resume_url: start.resume_url.clone(),
                         applied_seq: 0,
                     });
-                    apply::mark_guilds_stale(&tx).map_err(err)?;
+                    apply::session_started(&tx, &start.guilds).map_err(err)?;
                     session_dirty = true;
                 }
                 Op::Dispatch { seq, event } => {

@@ -55,11 +55,16 @@ fn guild_create(seq: u64, channels: &[u64]) -> Op {
 }
 
 fn session(id: &str) -> Op {
+    session_with(id, vec![GUILD])
+}
+
+fn session_with(id: &str, guilds: Vec<u64>) -> Op {
     Op::Session(SessionStart {
         shard_id: 0,
         shard_total: 1,
         session_id: id.into(),
         resume_url: "ws://127.0.0.1:1".into(),
+        guilds,
     })
 }
 
@@ -194,4 +199,25 @@ fn a_file_that_is_not_a_database_is_a_clear_open_error() {
     assert!(err.to_string().contains("p0000.sqlite3"));
     // Nothing was written over the bad file.
     assert_eq!(std::fs::read(&path).unwrap(), vec![0x42; 8192]);
+}
+
+#[test]
+fn a_guild_absent_from_a_new_session_becomes_unavailable_not_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(&dir);
+    let mut s = None;
+    store
+        .apply(
+            &mut s,
+            &[session("a"), guild_create(1, &[CHANNEL]), create(2, 10)],
+        )
+        .unwrap();
+    store.apply(&mut s, &[session_with("b", vec![])]).unwrap();
+    let g = store.guild_counts().unwrap()[0];
+    assert!(g.unavailable && g.stale, "{g:?}");
+    assert_eq!((g.channels, g.messages), (1, 1), "nothing was deleted");
+    // Discord sends the guild again: available and fresh.
+    store.apply(&mut s, &[guild_create(1, &[CHANNEL])]).unwrap();
+    let g = store.guild_counts().unwrap()[0];
+    assert!(!g.unavailable && !g.stale, "{g:?}");
 }

@@ -87,6 +87,23 @@ async fn malformed_dispatches_are_skipped_and_everything_else_is_stored() {
         2 * 2,
         "two malformed dispatches with a seq per shard were sent"
     );
+    let metrics = node.metrics().await;
+    for shard in 0..2 {
+        for line in [
+            format!("shardlite_identifies_total{{shard=\"{shard}\"}} 1"),
+            format!("shardlite_malformed_frames_total{{shard=\"{shard}\"}} 2"),
+            format!("shardlite_shard_up{{shard=\"{shard}\"}} 1"),
+        ] {
+            assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+        }
+    }
+    // Caught up: every partition's applied sequence equals its shard's last sequence.
+    let lags: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("shardlite_partition_applied_seq_lag{"))
+        .collect();
+    assert_eq!(lags.len(), 8, "{metrics}");
+    assert!(lags.iter().all(|l| l.ends_with(" 0")), "{lags:?}");
     let data_dir = node.data_dir.clone();
     let stderr_before_stop = node.stderr_text();
     let exit = node.stop().await;

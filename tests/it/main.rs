@@ -5,3 +5,4 @@ mod harness;
 mod ingest;
 mod replication;
 mod s3;
+mod supervision;
