@@ -145,6 +145,16 @@ impl NodeProcess {
         resp.json().await.ok()
     }
 
+    /// GET /metrics (Prometheus text).
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.http))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Waits until every partition committed the simulator's current session up to its last seq.
     pub async fn wait_caught_up(&self, sim: &Simulator, deadline: Duration) {
         wait_for("the node to commit every dispatch", deadline, async || {
