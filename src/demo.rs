@@ -32,24 +32,34 @@ const CATCH_UP_DEADLINE: Duration = Duration::from_secs(120);
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
     #[error("demo config is invalid")]
+    /// The demo's config did not validate.
     Config(#[from] ConfigError),
     #[error("simulator failed")]
+    /// The simulator could not start or send.
     Simulator(#[from] SimError),
     #[error(transparent)]
+    /// The node failed.
     Node(#[from] NodeError),
     #[error("cannot read the partition files")]
+    /// A partition file could not be read for verification.
     Store(#[from] StoreError),
     #[error("cannot create data dir {path}")]
+    /// The data directory could not be created or moved.
     DataDir {
+        /// The file or directory involved.
         path: PathBuf,
         #[source]
+        /// The underlying error.
         source: std::io::Error,
     },
     #[error("the node did not commit the last dispatches within {0:?}")]
+    /// The deadline for committing the last dispatches passed.
     CatchUp(Duration),
     #[error("local replica: {0}")]
+    /// The local S3 server or Litestream could not be set up.
     LocalS3(String),
     #[error(transparent)]
+    /// Restoring from the replica failed.
     Replication(#[from] crate::replication::ReplicationError),
 }
 

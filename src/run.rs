@@ -17,8 +17,10 @@ pub enum RunError {
     /// The HTTP listener could not be bound.
     #[error("cannot listen on http.listen = {addr}")]
     Listen {
+        /// The address.
         addr: SocketAddr,
         #[source]
+        /// The underlying error.
         source: std::io::Error,
     },
     /// The node failed to start or stopped on its own.
@@ -30,8 +32,10 @@ pub enum RunError {
     /// The ready file could not be written.
     #[error("cannot write ready file {path}")]
     ReadyFile {
+        /// The file or directory involved.
         path: PathBuf,
         #[source]
+        /// The underlying error.
         source: std::io::Error,
     },
 }

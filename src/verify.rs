@@ -18,6 +18,7 @@ const EXAMPLES: usize = 10;
 /// One guild whose stored entities differ from the simulator's final world.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct GuildMismatch {
+    /// The guild.
     pub guild_id: u64,
     /// What was stored (None: no guild row at all).
     pub stored: Option<GuildCounts>,

@@ -58,19 +58,31 @@ pub enum NodeError {
     /// `GET /gateway/bot` failed.
     #[error("cannot fetch {url}")]
     GatewayBot {
+        /// The URL requested.
         url: String,
         #[source]
+        /// The underlying error.
         source: reqwest::Error,
     },
     /// `GET /gateway/bot` answered with an error status.
     #[error("{url} answered HTTP {status}{}", if *.status == 401 { " (Discord rejected DISCORD_TOKEN)" } else { "" })]
-    GatewayBotStatus { url: String, status: u16 },
+    GatewayBotStatus {
+        /// The URL requested.
+        url: String,
+        /// The HTTP status.
+        status: u16,
+    },
     /// The actor tree could not start (a partition file could not be opened, …).
     #[error("cannot start the node: {0}")]
     Start(String),
     /// An actor did not answer in time or is gone.
     #[error("{what} did not answer: {reason}")]
-    Call { what: &'static str, reason: String },
+    Call {
+        /// Which actor.
+        what: &'static str,
+        /// Timeout or gone.
+        reason: String,
+    },
     /// A supervisor gave up; the node stopped.
     #[error("node failed: {0}")]
     Failed(String),

@@ -53,6 +53,7 @@ pub struct PartitionArgs {
     pub path: std::path::PathBuf,
     /// The shard carrying it and the shard total: which `shard_session` row is ours.
     pub shard_id: u32,
+    /// Discord shard total.
     pub shard_total: u32,
     /// Commit when this many ops are buffered (`storage.batch_max`).
     pub batch_max: usize,

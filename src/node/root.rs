@@ -34,9 +34,11 @@ pub enum NodeMsg {
 pub struct NodeStatus {
     /// This pod's ordinal and the pod count.
     pub ordinal: u32,
+    /// Pod count.
     pub pods: u32,
     /// Discord shard total and partition count.
     pub shard_total: u32,
+    /// Partition count.
     pub partitions_total: u32,
     /// Shards this pod owns.
     pub owned_shards: Vec<u32>,
@@ -50,6 +52,7 @@ pub struct NodeStatus {
 
 /// Start arguments.
 pub struct NodeArgs {
+    /// Shared node context.
     pub ctx: Arc<NodeContext>,
     /// Where the reason goes when the node stops on its own.
     pub failure: Arc<Mutex<Option<String>>>,

@@ -51,7 +51,11 @@ pub enum ShardMsg {
 pub enum PumpExit {
     /// Discord closed with a code that forbids reconnecting (4004, 4010–4014): restarting cannot
     /// help, an operator must fix the token, shard count or intents.
-    Fatal { code: u16 },
+    /// The WebSocket close code.
+    Fatal {
+        /// The close code Discord sent.
+        code: u16,
+    },
     /// The stream ended for another reason.
     Ended,
 }

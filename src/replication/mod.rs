@@ -23,22 +23,29 @@ pub enum ReplicationError {
     /// The object store did not answer at all.
     #[error("object store at replication.endpoint = {endpoint} is unreachable")]
     Unreachable {
+        /// The configured endpoint.
         endpoint: String,
         #[source]
+        /// The underlying error.
         source: reqwest::Error,
     },
     /// The Litestream executable could not be run.
     #[error("cannot run {bin} (replication.litestream_bin; run scripts/install-tools)")]
     Spawn {
+        /// The executable.
         bin: PathBuf,
         #[source]
+        /// The underlying error.
         source: std::io::Error,
     },
     /// `litestream restore` failed.
     #[error("restore of partition {partition} failed ({status}): {stderr}")]
     RestoreFailed {
+        /// The partition involved.
         partition: PartitionId,
+        /// What the process or server answered.
         status: String,
+        /// The end of the tool's standard error.
         stderr: String,
     },
     /// `litestream restore` did not finish within `replication.restore_timeout_secs`.
@@ -46,27 +53,35 @@ pub enum ReplicationError {
         "restore of partition {partition} did not finish within {timeout:?} (replication.restore_timeout_secs)"
     )]
     RestoreTimeout {
+        /// The partition involved.
         partition: PartitionId,
+        /// The bound that passed.
         timeout: Duration,
     },
     /// The restored file fails `quick_check`: the replica itself is damaged.
     #[error("restored partition {partition} fails quick_check ({reason}); its replica is damaged")]
     RestoredCorrupt {
+        /// The partition involved.
         partition: PartitionId,
+        /// Why, in words.
         reason: String,
     },
     /// A bad local file could not be moved aside.
     #[error("cannot move {path} aside")]
     MoveAside {
+        /// The file or directory involved.
         path: PathBuf,
         #[source]
+        /// The underlying error.
         source: std::io::Error,
     },
     /// Another file operation failed.
     #[error("cannot write {path}")]
     Io {
+        /// The file or directory involved.
         path: PathBuf,
         #[source]
+        /// The underlying error.
         source: std::io::Error,
     },
 }

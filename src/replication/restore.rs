@@ -56,7 +56,9 @@ pub enum Decision {
 /// One partition's outcome.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Outcome {
+    /// The partition involved.
     pub partition: PartitionId,
+    /// What was decided.
     pub decision: Decision,
     /// Where a bad local file was moved (never deleted), if one was.
     pub moved_aside: Option<PathBuf>,

@@ -109,29 +109,37 @@ pub enum StoreError {
     /// The file could not be opened or configured (missing directory, not a database, locked).
     #[error("cannot open partition file {path}")]
     Open {
+        /// The file or directory involved.
         path: PathBuf,
         #[source]
+        /// The underlying error.
         source: rusqlite::Error,
     },
     /// The file's schema could not be brought to this build's version.
     #[error("cannot migrate partition file {path}")]
     Migrate {
+        /// The file or directory involved.
         path: PathBuf,
         #[source]
+        /// The underlying error.
         source: MigrateError,
     },
     /// A batch failed; the transaction rolled back, so nothing of it (and no sequence) is stored.
     #[error("cannot apply batch to partition {partition}")]
     Apply {
+        /// The partition involved.
         partition: PartitionId,
         #[source]
+        /// The underlying error.
         source: rusqlite::Error,
     },
     /// A read query failed.
     #[error("cannot query partition {partition}")]
     Query {
+        /// The partition involved.
         partition: PartitionId,
         #[source]
+        /// The underlying error.
         source: rusqlite::Error,
     },
 }

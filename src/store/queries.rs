@@ -7,10 +7,15 @@ use super::{PartitionStore, StoreError};
 /// Row counts of one partition file, as the demo and tests report them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TableCounts {
+    /// Cached guild rows.
     pub guilds: u64,
+    /// Channel rows.
     pub channels: u64,
+    /// Role rows.
     pub roles: u64,
+    /// User rows.
     pub users: u64,
+    /// Member rows.
     pub members: u64,
     /// Message rows, deleted ones included.
     pub messages: u64,
@@ -40,16 +45,23 @@ impl std::ops::AddAssign for TableCounts {
 /// Cached entities and messages of one guild.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GuildCounts {
+    /// The guild.
     pub guild_id: u64,
+    /// Channel rows.
     pub channels: u32,
+    /// Role rows.
     pub roles: u32,
+    /// Member rows.
     pub members: u32,
     /// Message rows of the guild, deleted ones included.
     pub messages: u32,
+    /// Message rows marked deleted.
     pub messages_deleted: u32,
     /// Sum of the guild's `message_stats.messages`.
     pub message_stats_total: u32,
+    /// Cached state predates the current session (DESIGN §5).
     pub stale: bool,
+    /// Discord reports the guild unavailable, or the session did not list it.
     pub unavailable: bool,
 }
 

@@ -105,12 +105,19 @@ pub const SCHEMA_VERSION: u32 = MIGRATIONS[MIGRATIONS.len() - 1].version;
 pub enum MigrateError {
     /// The file was written by a newer shardlite; opening it would risk writing rows it cannot read.
     #[error("schema version {found} is newer than this build's {supported}")]
-    TooNew { found: u32, supported: u32 },
+    TooNew {
+        /// The version found in the file.
+        found: u32,
+        /// This build's version.
+        supported: u32,
+    },
     /// SQLite refused a statement.
     #[error("migration to schema version {version} failed")]
     Step {
+        /// The schema version being migrated to.
         version: u32,
         #[source]
+        /// The underlying error.
         source: rusqlite::Error,
     },
 }
