@@ -86,3 +86,58 @@ async fn a_failing_partition_restarts_its_group_which_resumes_exactly() {
     assert_eq!(v.stored_messages, 20_000);
     println!("group 1 restarted {restarts}+ times; exactly once held");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watchdog_restarts_a_silent_shard_that_twilight_still_trusts() {
+    use shardlite::simulator::Fault;
+    let dir = tempfile::tempdir().unwrap();
+    // A 60 s heartbeat interval: twilight would not notice a silent connection for a minute.
+    let sim = Simulator::start(SimConfig {
+        guilds: 50,
+        shards: 1,
+        messages: 6_000,
+        rate: Some(2_000),
+        heartbeat_interval_ms: 60_000,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let spec = NodeSpec {
+        shards: 1,
+        partitions: 4,
+        extra_toml: "[supervision]\nshard_silence_timeout_secs = 1\n".into(),
+    };
+    let node = NodeProcess::start(dir.path(), &sim, &spec).await;
+    wait_for("some progress", Duration::from_secs(30), async || {
+        (sim.status().messages_sent > 1_000).then_some(())
+    })
+    .await;
+    sim.inject(0, Fault::StopAcks { millis: 30_000 })
+        .await
+        .unwrap();
+    wait_for(
+        "the watchdog to restart the group",
+        Duration::from_secs(20),
+        async || {
+            let status = node.status().await?;
+            (status.groups[0].restarts >= 1).then_some(())
+        },
+    )
+    .await;
+    sim.wait_all_sent(Duration::from_secs(60)).await.unwrap();
+    node.wait_caught_up(&sim, Duration::from_secs(60)).await;
+    let stderr = node.stderr_text();
+    let data_dir = node.data_dir.clone();
+    assert!(node.stop().await.success());
+    assert!(
+        stderr.contains("silent for"),
+        "the watchdog said why: {stderr}"
+    );
+    let shard = &sim.status().shards[0];
+    assert_eq!(
+        shard.identifies, 1,
+        "the restarted shard resumed: {shard:?}"
+    );
+    let v = verify(&data_dir, Topology::new(1, 4, 1).unwrap(), &sim.expected()).unwrap();
+    assert!(v.is_exact(), "{v:?}");
+}
