@@ -98,11 +98,14 @@ pub async fn run(
         e = node.failed() => Err(RunError::Node(e)),
     };
     let outcome = match outcome {
-        Ok(()) => {
+        Err(RunError::Node(e)) => Err(RunError::Node(e)),
+        // Stopping on request, or after another error (the ready file): stop gracefully either
+        // way, so shards keep their sessions and the replica gets the final state.
+        other => {
             tracing::info!("stopping: closing shards with the resume code, draining partitions");
-            node.shutdown().await.map_err(RunError::from)
+            let stopped = node.shutdown().await.map_err(RunError::from);
+            other.and(stopped)
         }
-        Err(e) => Err(e),
     };
     // The server may already be gone; stopping it is best effort.
     let _ = stop_http.send(());

@@ -67,7 +67,7 @@ impl IdentifyQueue {
             .expect("identify queue lock is never poisoned");
         let now = Instant::now();
         if now >= st.reset_at {
-            st.spendable = st.total.saturating_sub(st.reserve);
+            st.spendable = st.total.saturating_sub(st.reserve).max(1);
             st.reset_at = now + BUDGET_PERIOD;
         }
         let bucket = shard as usize % st.buckets.len();
@@ -80,7 +80,8 @@ impl IdentifyQueue {
                 "daily identify budget spent down to the reserve; waiting for Discord's reset"
             );
             at = at.max(st.reset_at);
-            st.spendable = st.total.saturating_sub(st.reserve);
+            // A reserve as large as the whole budget still lets one identify through per period.
+            st.spendable = st.total.saturating_sub(st.reserve).max(1);
             st.reset_at += BUDGET_PERIOD;
         }
         st.spendable -= 1;

@@ -27,9 +27,7 @@ use twilight_gateway::{ConfigBuilder, Intents};
 
 use crate::config::{Config, ReplicationMode};
 use crate::ownership::{PartitionId, Topology};
-use crate::replication::{
-    self, child::LitestreamArgs, litestream_config::SHUTDOWN_SYNC_TIMEOUT_SECS,
-};
+use crate::replication::{self, child::LitestreamArgs};
 use crate::store::PartitionStore;
 use identify_queue::IdentifyQueue;
 use restart::RestartPolicy;
@@ -172,6 +170,13 @@ impl Node {
             .into_iter()
             .flat_map(|s| topology.partitions_of_shard(s))
             .collect();
+        let data_dir = replication::litestream_config::absolute_data_dir(&config);
+        let pid_file = data_dir.join("litestream.pid");
+        if config.replication.mode == ReplicationMode::Child {
+            // Before restore touches any file: a previous run's Litestream may still be making
+            // its final sync, and two processes on one replica path corrupt it.
+            replication::child::stop_leftover(&pid_file).await;
+        }
         let prepared = replication::prepare(&config, &owned).await?;
         if prepared.is_some() {
             create_partition_files(&config, &owned).await?;
@@ -180,15 +185,11 @@ impl Node {
             Some(prepared) if config.replication.mode == ReplicationMode::Child => {
                 Some(LitestreamArgs {
                     bin: config.replication.litestream_bin.clone(),
-                    pid_file: prepared.config_file.with_file_name("litestream.pid"),
-                    socket: prepared
-                        .config_file
-                        .with_file_name(replication::litestream_config::SOCKET_NAME),
+                    pid_file,
+                    socket: data_dir.join(replication::litestream_config::SOCKET_NAME),
                     dbs: owned
                         .iter()
-                        .map(|p| {
-                            PartitionStore::path_in(&prepared.config_file.with_file_name(""), *p)
-                        })
+                        .map(|p| PartitionStore::path_in(&data_dir, *p))
                         .collect(),
                     config_file: prepared.config_file,
                     policy: RestartPolicy::from(&config.supervision),
@@ -199,7 +200,7 @@ impl Node {
         // Litestream's final sync on stop comes on top of the tree's own drain.
         let shutdown_timeout = Duration::from_secs(config.supervision.shutdown_timeout_secs)
             + if litestream.is_some() {
-                Duration::from_secs(SHUTDOWN_SYNC_TIMEOUT_SECS) + Duration::from_secs(5)
+                replication::child::STOP_BOUND + Duration::from_secs(10)
             } else {
                 Duration::ZERO
             };

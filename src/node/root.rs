@@ -13,13 +13,12 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent
 use super::NodeContext;
 use super::shard::ShardPhase;
 use super::shard_group::{GroupStatus, ShardGroupActor, ShardGroupArgs, ShardGroupMsg};
-use crate::replication::child::{LitestreamActor, LitestreamArgs, LitestreamMsg, LitestreamStatus};
+use crate::replication::child::{
+    LitestreamActor, LitestreamArgs, LitestreamMsg, LitestreamStatus, STOP_BOUND,
+};
 
 /// Bound on one group's status answer.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
-/// Bound on Litestream's stop: its shutdown-sync-timeout plus the child actor's kill slack.
-const LITESTREAM_STOP_TIMEOUT: Duration =
-    Duration::from_secs(crate::replication::litestream_config::SHUTDOWN_SYNC_TIMEOUT_SECS + 10);
 
 /// Messages of [`NodeActor`].
 pub enum NodeMsg {
@@ -84,8 +83,8 @@ impl Actor for NodeActor {
     ) -> Result<Self::State, ActorProcessingErr> {
         let topology = args.ctx.topology;
         let ordinal = args.ctx.config.cluster.ordinal;
-        // Litestream first: it waits for files that do not exist yet and picks up each partition
-        // as it opens, so nothing a partition commits goes unreplicated.
+        // Litestream first (every partition file already exists, created after restore), so it
+        // replicates each partition from its first commit.
         let litestream = match args.litestream {
             Some(ls) => Some(
                 Actor::spawn_linked(None, LitestreamActor, ls, myself.get_cell())
@@ -125,9 +124,13 @@ impl Actor for NodeActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             NodeMsg::Status(reply) => {
-                let status = state.status().await;
-                // A timed-out asker is not our failure.
-                let _ = reply.send(status);
+                // Gathered in a task of its own, so Shutdown and supervision events never queue
+                // behind status calls (probes, scrapes).
+                let status = state.status();
+                tokio::spawn(async move {
+                    // A timed-out asker is not our failure.
+                    let _ = reply.send(status.await);
+                });
             }
             NodeMsg::Shutdown(reply) => {
                 state.stopping = true;
@@ -143,11 +146,18 @@ impl Actor for NodeActor {
                 .filter_map(Result::err)
                 .for_each(|e| tracing::warn!(error = %e, "shard group did not stop cleanly"));
                 // Last: every partition has committed, so Litestream's final sync carries it all.
-                if let Some(ls) = &state.litestream
-                    && let Err(e) =
-                        super::call(ls, LitestreamMsg::Stop, LITESTREAM_STOP_TIMEOUT).await
-                {
-                    tracing::warn!(error = %e, "litestream did not stop cleanly");
+                if let Some(ls) = &state.litestream {
+                    let outcome =
+                        super::call(ls, LitestreamMsg::Stop, STOP_BOUND + Duration::from_secs(5))
+                            .await
+                            .map_err(|e| e.to_string())
+                            .and_then(|r| r);
+                    if let Err(e) = outcome {
+                        tracing::error!(error = %e, "litestream did not confirm the final state");
+                        // A stop that may not have replicated everything is not a clean stop.
+                        *state.failure.lock().expect("not poisoned") =
+                            Some(format!("litestream stop: {e}"));
+                    }
                 }
                 // The asker may have timed out; stopping goes on regardless.
                 let _ = reply.send(());
@@ -186,40 +196,46 @@ impl Actor for NodeActor {
 }
 
 impl NodeState {
-    async fn status(&self) -> NodeStatus {
+    /// A future gathering the node's status from clones of the children's refs.
+    fn status(&self) -> impl Future<Output = NodeStatus> + Send + 'static {
         let topology = self.ctx.topology;
-        let groups: Vec<GroupStatus> = join_all(
-            self.groups
-                .iter()
-                .map(|g| super::call(g, ShardGroupMsg::Status, STATUS_TIMEOUT)),
-        )
-        .await
-        .into_iter()
-        .filter_map(Result::ok)
-        .collect();
-        let per_shard = (topology.partitions() / topology.shards()) as usize;
-        let ready = groups.len() == self.groups.len()
-            && groups.iter().all(|g| {
-                g.partitions.len() == per_shard
-                    && g.shard_status
-                        .as_ref()
-                        .is_some_and(|s| s.phase == ShardPhase::Active)
-            });
-        let litestream = match &self.litestream {
-            Some(ls) => super::call(ls, LitestreamMsg::Status, STATUS_TIMEOUT)
-                .await
-                .ok(),
-            None => None,
-        };
-        NodeStatus {
-            litestream,
-            ordinal: self.ctx.config.cluster.ordinal,
-            pods: topology.pods(),
-            shard_total: topology.shards(),
-            partitions_total: topology.partitions(),
-            owned_shards: topology.shards_of_pod(self.ctx.config.cluster.ordinal),
-            groups,
-            ready,
+        let ordinal = self.ctx.config.cluster.ordinal;
+        let groups = self.groups.clone();
+        let litestream = self.litestream.clone();
+        async move {
+            let statuses: Vec<GroupStatus> = join_all(
+                groups
+                    .iter()
+                    .map(|g| super::call(g, ShardGroupMsg::Status, STATUS_TIMEOUT)),
+            )
+            .await
+            .into_iter()
+            .filter_map(Result::ok)
+            .collect();
+            let per_shard = (topology.partitions() / topology.shards()) as usize;
+            let ready = statuses.len() == groups.len()
+                && statuses.iter().all(|g| {
+                    g.partitions.len() == per_shard
+                        && g.shard_status
+                            .as_ref()
+                            .is_some_and(|s| s.phase == ShardPhase::Active)
+                });
+            let litestream = match &litestream {
+                Some(ls) => super::call(ls, LitestreamMsg::Status, STATUS_TIMEOUT)
+                    .await
+                    .ok(),
+                None => None,
+            };
+            NodeStatus {
+                litestream,
+                ordinal,
+                pods: topology.pods(),
+                shard_total: topology.shards(),
+                partitions_total: topology.partitions(),
+                owned_shards: topology.shards_of_pod(ordinal),
+                groups: statuses,
+                ready,
+            }
         }
     }
 }

@@ -30,6 +30,8 @@ use crate::store::{AppliedSession, Op, SessionStart};
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the watchdog looks at the shard's last activity.
 const WATCHDOG_PERIOD: Duration = Duration::from_secs(1);
+/// Bound on the partitions committing a session start.
+const SESSION_COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How much of a malformed frame goes into the log.
 const LOGGED_FRAME_BYTES: usize = 200;
 
@@ -172,7 +174,7 @@ impl Live {
 
 /// Aborts the pump when dropped: the actor's state is dropped however the actor ends (stop, kill,
 /// panic), so a pump never outlives its shard actor and never routes into a restarted group.
-struct PumpGuard(tokio::task::JoinHandle<()>);
+struct PumpGuard(tokio::task::AbortHandle);
 
 impl Drop for PumpGuard {
     fn drop(&mut self) {
@@ -231,7 +233,7 @@ impl Actor for ShardActor {
             resumes: AtomicU32::new(0),
             fatal: AtomicBool::new(false),
             fatal_code: AtomicU32::new(0),
-            session_id: Mutex::new(resume.map(|s| s.session_id)),
+            session_id: Mutex::new(resume.as_ref().map(|s| s.session_id.clone())),
         });
         let (control, control_rx) = mpsc::unbounded_channel();
         let pump = Pump {
@@ -243,15 +245,29 @@ impl Actor for ShardActor {
             live: live.clone(),
             last_watermark: 0,
             last_close_code: None,
+            session_id: resume.as_ref().map(|s| s.session_id.clone()),
         };
         let handle = tokio::spawn(pump.run(myself.clone(), control_rx, watermark_interval));
+        let abort = handle.abort_handle();
+        // A panicking pump must fail the actor (and so restart the group) at once, not sit
+        // silent until the watchdog notices.
+        let actor = myself.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle.await
+                && e.is_panic()
+            {
+                tracing::error!(error = %e, "shard pump panicked");
+                // If the actor is gone, so is whoever could act on this.
+                let _ = actor.cast(ShardMsg::PumpExited(PumpExit::Ended));
+            }
+        });
         myself.send_interval(WATCHDOG_PERIOD, || ShardMsg::Watchdog);
         Ok(ShardActorState {
             shard_id,
             live,
             control,
             silence_timeout,
-            _pump: PumpGuard(handle),
+            _pump: PumpGuard(abort),
         })
     }
 
@@ -265,8 +281,13 @@ impl Actor for ShardActor {
             ShardMsg::Close(reply) => {
                 let (tx, rx) = oneshot::channel();
                 let last = if state.control.send(tx).is_ok() {
-                    rx.await
-                        .unwrap_or_else(|_| state.live.last_seq.load(Ordering::Relaxed))
+                    // The pump bounds the close itself; this bound only guards against a pump
+                    // stuck elsewhere (backpressure wait).
+                    tokio::time::timeout(CLOSE_TIMEOUT * 2, rx)
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .unwrap_or_else(|| state.live.last_seq.load(Ordering::Relaxed))
                 } else {
                     state.live.last_seq.load(Ordering::Relaxed)
                 };
@@ -337,6 +358,8 @@ struct Pump {
     last_watermark: u64,
     /// Code of the last close frame seen (twilight reports fatal codes only this way).
     last_close_code: Option<u16>,
+    /// The session the partitions were last told about (the resumed one at start).
+    session_id: Option<String>,
 }
 
 impl Pump {
@@ -431,11 +454,26 @@ impl Pump {
 
     async fn on_text(&mut self, text: String) {
         let parsed = twilight_gateway::parse(text, EventTypeFlags::all());
-        // twilight has already tracked this frame's sequence, whatever its payload.
+        // twilight has already tracked this frame's sequence and session, whatever its payload.
         if let Some(session) = self.shard.session() {
             self.live
                 .last_seq
                 .store(session.sequence(), Ordering::Relaxed);
+        }
+        // A new session is detected from twilight's own session id, not from decoding READY: a
+        // READY this crate cannot fully decode must still reset the partitions' sequences, or
+        // every dispatch of the new session up to the old applied sequence would be skipped as a
+        // duplicate.
+        let session_changed = self
+            .shard
+            .session()
+            .is_some_and(|s| self.session_id.as_deref() != Some(s.id()));
+        if session_changed {
+            let ready = match &parsed {
+                Ok(Some(GatewayEvent::Dispatch(_, DispatchEvent::Ready(r)))) => Some(r),
+                _ => None,
+            };
+            self.start_session(ready).await;
         }
         let (seq, event) = match parsed {
             Ok(Some(GatewayEvent::Dispatch(seq, event))) => (seq, event),
@@ -454,43 +492,11 @@ impl Pump {
                 return;
             }
         };
-        match &event {
-            DispatchEvent::Ready(ready) => {
-                self.live.identifies.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!(metric::IDENTIFIES, "shard" => self.shard_id.to_string())
-                    .increment(1);
-                *self.live.session_id.lock().expect("not poisoned") =
-                    Some(ready.session_id.clone());
-                tracing::info!(shard = self.shard_id, session = %ready.session_id, guilds = ready.guilds.len(),
-                    "session started (identify)");
-                self.last_watermark = 0;
-                let shards = self.topology.shards();
-                let mut per_partition = vec![Vec::new(); self.partitions.len()];
-                for g in &ready.guilds {
-                    let p = self.topology.partition_of_guild(g.id.get());
-                    if let Some(list) = per_partition.get_mut((p.0 / shards) as usize) {
-                        list.push(g.id.get());
-                    }
-                }
-                for (partition, guilds) in self.partitions.iter().zip(per_partition) {
-                    let start = SessionStart {
-                        shard_id: self.shard_id,
-                        shard_total: shards,
-                        session_id: ready.session_id.clone(),
-                        resume_url: ready.resume_gateway_url.clone(),
-                        guilds,
-                    };
-                    self.send(partition, Op::Session(start));
-                }
-            }
-            DispatchEvent::Resumed => {
-                self.live.resumes.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!(metric::RESUMES, "shard" => self.shard_id.to_string())
-                    .increment(1);
-                tracing::info!(shard = self.shard_id, seq, "session resumed");
-                return;
-            }
-            _ => {}
+        if let DispatchEvent::Resumed = &event {
+            self.live.resumes.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(metric::RESUMES, "shard" => self.shard_id.to_string()).increment(1);
+            tracing::info!(shard = self.shard_id, seq, "session resumed");
+            return;
         }
         let Some(target) = self.route(event) else {
             return;
@@ -509,6 +515,60 @@ impl Pump {
                 event: Box::new(event),
             },
         );
+    }
+
+    /// Tells every partition that a new session started (its sequences restart at 1), then waits
+    /// until each has committed that, so a crash right after READY cannot leave partitions that
+    /// disagree on the session (which would cost an identify where a resume was possible).
+    /// `ready` carries the guild list when READY decoded; without it guilds only become stale.
+    async fn start_session(
+        &mut self,
+        ready: Option<&twilight_model::gateway::payload::incoming::Ready>,
+    ) {
+        let Some(session) = self.shard.session() else {
+            return;
+        };
+        let session_id = session.id().to_owned();
+        let resume_url = ready
+            .map(|r| r.resume_gateway_url.clone())
+            .or_else(|| self.shard.resume_url().map(str::to_owned))
+            .unwrap_or_default();
+        self.live.identifies.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(metric::IDENTIFIES, "shard" => self.shard_id.to_string()).increment(1);
+        *self.live.session_id.lock().expect("not poisoned") = Some(session_id.clone());
+        tracing::info!(shard = self.shard_id, session = %session_id,
+            guilds = ready.map(|r| r.guilds.len()), "session started (identify)");
+        self.session_id = Some(session_id.clone());
+        self.last_watermark = 0;
+        let shards = self.topology.shards();
+        let mut per_partition: Vec<Option<Vec<u64>>> =
+            vec![ready.map(|_| Vec::new()); self.partitions.len()];
+        for g in ready.iter().flat_map(|r| &r.guilds) {
+            let p = self.topology.partition_of_guild(g.id.get());
+            if let Some(Some(list)) = per_partition.get_mut((p.0 / shards) as usize) {
+                list.push(g.id.get());
+            }
+        }
+        for (partition, guilds) in self.partitions.iter().zip(per_partition) {
+            let start = SessionStart {
+                shard_id: self.shard_id,
+                shard_total: shards,
+                session_id: session_id.clone(),
+                resume_url: resume_url.clone(),
+                guilds,
+            };
+            self.send(partition, Op::Session(start));
+        }
+        let drained = futures_util::future::join_all(
+            self.partitions
+                .iter()
+                .map(|p| super::call(p, PartitionMsg::Drain, SESSION_COMMIT_TIMEOUT)),
+        )
+        .await;
+        if let Some(Err(e)) = drained.into_iter().find(Result::is_err) {
+            // The partition is failing; its group restarts everyone, which is the right outcome.
+            tracing::warn!(shard = self.shard_id, error = %e, "session start not committed everywhere");
+        }
     }
 
     /// Finds the partition of a dispatch: its guild's (DESIGN §2), or the shard's home partition for

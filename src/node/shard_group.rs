@@ -119,9 +119,13 @@ impl Actor for ShardGroupActor {
                 }
             }
             ShardGroupMsg::Status(reply) => {
-                let status = state.status().await;
-                // A timed-out asker is not our failure.
-                let _ = reply.send(status);
+                // Gathered in a task of its own: a supervisor never waits on its children's
+                // answers, so restarts and Shutdown are not queued behind slow status calls.
+                let status = state.status();
+                tokio::spawn(async move {
+                    // A timed-out asker is not our failure.
+                    let _ = reply.send(status.await);
+                });
             }
             ShardGroupMsg::Shutdown(reply) => {
                 state.stopping = true;
@@ -224,6 +228,16 @@ impl ShardGroupState {
         .into_iter()
         .map(|s| s.map(|s| s.session))
         .collect::<Result<_, _>>()?;
+        if let Some(code) = self.fatal_close_code {
+            // Discord refused this shard for good (token, shard count, intents): another connect
+            // would only spend an identify. The partitions still serve what they hold.
+            tracing::warn!(
+                shard = self.shard_id,
+                code,
+                "shard stays closed after a fatal close code"
+            );
+            return Ok(());
+        }
         let resume = resume_point(&sessions);
         let args = ShardArgs {
             shard_id: self.shard_id,
@@ -252,18 +266,19 @@ impl ShardGroupState {
         self.is_current_shard(cell) || self.partitions.iter().any(|p| p.get_id() == cell.get_id())
     }
 
-    /// Stops the shard first (no more routing), then the partitions; kills what does not stop.
+    /// Stops the shard first (no more routing), then all partitions at once; kills what does not
+    /// stop in time.
     async fn stop_children(&mut self) {
-        let shard = self.shard.take().map(|s| s.get_cell());
-        let partitions = std::mem::take(&mut self.partitions);
-        for cell in shard
-            .into_iter()
-            .chain(partitions.iter().map(ActorRef::get_cell))
-        {
+        async fn stop(cell: ActorCell) {
             if cell.stop_and_wait(None, Some(STOP_TIMEOUT)).await.is_err() {
                 cell.kill();
             }
         }
+        if let Some(shard) = self.shard.take() {
+            stop(shard.get_cell()).await;
+        }
+        let partitions = std::mem::take(&mut self.partitions);
+        join_all(partitions.iter().map(|p| stop(p.get_cell()))).await;
     }
 
     async fn shutdown(&mut self) {
@@ -289,26 +304,33 @@ impl ShardGroupState {
         self.stop_children().await;
     }
 
-    async fn status(&self) -> GroupStatus {
-        let shard_status = match &self.shard {
-            Some(s) => super::call(s, ShardMsg::Status, CALL_TIMEOUT).await.ok(),
-            None => None,
-        };
-        let partitions = join_all(
-            self.partitions
-                .iter()
-                .map(|p| super::call(p, PartitionMsg::Status, CALL_TIMEOUT)),
-        )
-        .await
-        .into_iter()
-        .filter_map(Result::ok)
-        .collect();
-        GroupStatus {
-            shard: self.shard_id,
-            shard_status,
-            fatal_close_code: self.fatal_close_code,
-            partitions,
-            restarts: self.restarts,
+    /// A future gathering the group's status from clones of the children's refs.
+    fn status(&self) -> impl Future<Output = GroupStatus> + Send + 'static {
+        let shard = self.shard.clone();
+        let partitions = self.partitions.clone();
+        let (shard_id, fatal_close_code, restarts) =
+            (self.shard_id, self.fatal_close_code, self.restarts);
+        async move {
+            let shard_status = match &shard {
+                Some(s) => super::call(s, ShardMsg::Status, CALL_TIMEOUT).await.ok(),
+                None => None,
+            };
+            let partitions = join_all(
+                partitions
+                    .iter()
+                    .map(|p| super::call(p, PartitionMsg::Status, CALL_TIMEOUT)),
+            )
+            .await
+            .into_iter()
+            .filter_map(Result::ok)
+            .collect();
+            GroupStatus {
+                shard: shard_id,
+                shard_status,
+                fatal_close_code,
+                partitions,
+                restarts,
+            }
         }
     }
 }

@@ -21,8 +21,13 @@ use crate::node::restart::{Decision, RestartPolicy, RestartTracker};
 /// How long a stopped child may take beyond Litestream's own shutdown-sync-timeout before it is
 /// killed.
 const STOP_SLACK: Duration = Duration::from_secs(5);
+/// Pause between attempts to reach a control socket that is not listening yet.
+const SOCKET_RETRY: Duration = Duration::from_millis(100);
 /// How long a previous run's leftover child gets to exit after SIGTERM.
 const LEFTOVER_GRACE: Duration = Duration::from_secs(SHUTDOWN_SYNC_TIMEOUT_SECS + 5);
+/// Longest a stop can take: the forced syncs (each bounded by Litestream's `-timeout`), then
+/// Litestream's own shutdown-sync-timeout, plus slack.
+pub const STOP_BOUND: Duration = Duration::from_secs(2 * SHUTDOWN_SYNC_TIMEOUT_SECS + 10);
 
 /// Messages of [`LitestreamActor`].
 pub enum LitestreamMsg {
@@ -30,8 +35,9 @@ pub enum LitestreamMsg {
     Exited(u64, Option<ExitStatus>),
     /// Start the child again (after the backoff), if `.0` is still the current generation.
     Restart(u64),
-    /// SIGTERM the child and wait for its final sync (bounded), then reply.
-    Stop(RpcReplyPort<()>),
+    /// Force a sync of every partition, SIGTERM the child and wait for it (bounded), then reply
+    /// with an error if any partition could not be confirmed on the replica.
+    Stop(RpcReplyPort<Result<(), String>>),
     /// The current child's pid and restart count.
     Status(RpcReplyPort<LitestreamStatus>),
 }
@@ -61,6 +67,19 @@ pub struct LitestreamArgs {
     pub policy: RestartPolicy,
 }
 
+/// SIGTERMs the child when the actor's state is dropped without a stop (the actor was killed,
+/// or its parent failed): ractor skips `post_stop` then, and an unowned Litestream must not keep
+/// replicating.
+struct ChildGuard(Option<u32>);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.take() {
+            signal(pid, Signal::SIGTERM);
+        }
+    }
+}
+
 /// State of the running actor.
 pub struct LitestreamState {
     args: LitestreamArgs,
@@ -70,6 +89,7 @@ pub struct LitestreamState {
     pid: Option<u32>,
     exited: watch::Receiver<bool>,
     stopping: bool,
+    guard: ChildGuard,
 }
 
 /// The actor; see the module docs.
@@ -85,7 +105,6 @@ impl Actor for LitestreamActor {
         myself: ActorRef<Self::Msg>,
         args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
-        stop_leftover(&args.pid_file).await;
         let (_, exited) = watch::channel(true);
         let mut state = LitestreamState {
             tracker: RestartTracker::new(args.policy),
@@ -95,6 +114,7 @@ impl Actor for LitestreamActor {
             pid: None,
             exited,
             stopping: false,
+            guard: ChildGuard(None),
         };
         state.spawn(&myself)?;
         Ok(state)
@@ -112,6 +132,7 @@ impl Actor for LitestreamActor {
                     return Ok(());
                 }
                 state.pid = None;
+                state.guard.0 = None;
                 tracing::warn!(?status, "litestream exited; restarting it");
                 match state.tracker.on_failure(Instant::now()) {
                     Decision::RestartAfter(delay) => {
@@ -135,9 +156,9 @@ impl Actor for LitestreamActor {
             }
             LitestreamMsg::Stop(reply) => {
                 state.stopping = true;
-                state.stop().await;
+                let result = state.stop().await;
                 // The asker may have timed out; the child is stopped either way.
-                let _ = reply.send(());
+                let _ = reply.send(result);
             }
             LitestreamMsg::Status(reply) => {
                 // A timed-out asker is not our failure.
@@ -155,8 +176,7 @@ impl Actor for LitestreamActor {
         _myself: ActorRef<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        state.stop().await;
-        Ok(())
+        state.stop().await.map_err(ActorProcessingErr::from)
     }
 }
 
@@ -185,6 +205,7 @@ impl LitestreamState {
             .spawn()
             .map_err(|e| format!("cannot start {} replicate: {e}", self.args.bin.display()))?;
         self.pid = child.id();
+        self.guard.0 = self.pid;
         if let Some(pid) = self.pid
             && let Err(e) = std::fs::write(&self.args.pid_file, pid.to_string())
         {
@@ -210,11 +231,12 @@ impl LitestreamState {
     /// The forced sync is what makes a graceful stop lose nothing: measured with Litestream
     /// 0.5.17, a SIGTERM shortly after start exits at once, before the first snapshot of a new
     /// database was uploaded.
-    async fn stop(&mut self) {
+    async fn stop(&mut self) -> Result<(), String> {
         let Some(pid) = self.pid.take() else {
-            return;
+            return Ok(());
         };
-        self.sync_all().await;
+        self.guard.0 = None;
+        let synced = self.sync_all().await;
         signal(pid, Signal::SIGTERM);
         let grace = Duration::from_secs(SHUTDOWN_SYNC_TIMEOUT_SECS) + STOP_SLACK;
         if tokio::time::timeout(grace, self.exited.wait_for(|e| *e))
@@ -228,52 +250,91 @@ impl LitestreamState {
         }
         // Only this run's pid is recorded there; nothing else to keep.
         let _ = std::fs::remove_file(&self.args.pid_file);
+        synced
     }
 }
 
 impl LitestreamState {
-    async fn sync_all(&self) {
-        let started = Instant::now();
-        let mut tasks = tokio::task::JoinSet::new();
-        for db in self.args.dbs.clone() {
-            let mut cmd = tokio::process::Command::new(&self.args.bin);
-            cmd.args(["sync", "-wait", "-timeout"])
-                .arg(SHUTDOWN_SYNC_TIMEOUT_SECS.to_string())
-                .arg("-socket")
-                .arg(&self.args.socket)
-                .arg(&db)
-                .env_remove("AWS_CA_BUNDLE")
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::piped())
-                .kill_on_drop(true);
-            tasks.spawn(async move { (db, cmd.output().await) });
-        }
-        let mut failed = 0;
-        while let Some(joined) = tasks.join_next().await {
-            match joined {
-                Ok((_, Ok(out))) if out.status.success() => {}
-                Ok((db, Ok(out))) => {
-                    failed += 1;
-                    tracing::warn!(db = %db.display(), stderr = %String::from_utf8_lossy(&out.stderr).trim(),
-                        "litestream sync before stop failed");
+    /// Forces a sync of every partition; `Err` names how many could not be confirmed.
+    async fn sync_all(&self) -> Result<(), String> {
+        sync_wait(
+            &self.args.bin,
+            &self.args.socket,
+            self.args.dbs.clone(),
+            "stop",
+        )
+        .await
+    }
+}
+
+/// Runs `litestream sync -wait` for each of `dbs` over the control socket, all at once: returns
+/// when the replica holds what each file had committed, or `Err` naming how many could not be
+/// confirmed (each bounded by Litestream's `-timeout`). `why` goes into the log.
+async fn sync_wait(
+    bin: &Path,
+    socket: &Path,
+    dbs: Vec<PathBuf>,
+    why: &'static str,
+) -> Result<(), String> {
+    let started = Instant::now();
+    let total = dbs.len();
+    let mut tasks = tokio::task::JoinSet::new();
+    for db in dbs {
+        let (bin, socket) = (bin.to_owned(), socket.to_owned());
+        tasks.spawn(async move {
+            // Litestream opens its control socket a few hundred milliseconds after it starts; a
+            // sync asked for earlier is retried until the socket answers, within the same bound.
+            let deadline = Instant::now() + Duration::from_secs(SHUTDOWN_SYNC_TIMEOUT_SECS);
+            loop {
+                let out = tokio::process::Command::new(&bin)
+                    .args(["sync", "-wait", "-timeout"])
+                    .arg(SHUTDOWN_SYNC_TIMEOUT_SECS.to_string())
+                    .arg("-socket")
+                    .arg(&socket)
+                    .arg(&db)
+                    .env_remove("AWS_CA_BUNDLE")
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped())
+                    .kill_on_drop(true)
+                    .output()
+                    .await;
+                let retry = matches!(&out, Ok(o) if !o.status.success()
+                    && String::from_utf8_lossy(&o.stderr).contains("control socket"));
+                if !retry || Instant::now() > deadline {
+                    return (db, out);
                 }
-                Ok((db, Err(e))) => {
-                    failed += 1;
-                    tracing::warn!(db = %db.display(), error = %e, "cannot run litestream sync");
-                }
-                Err(e) => {
-                    failed += 1;
-                    tracing::warn!(error = %e, "litestream sync task failed");
-                }
+                tokio::time::sleep(SOCKET_RETRY).await;
+            }
+        });
+    }
+    let mut failed = 0;
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((_, Ok(out))) if out.status.success() => {}
+            Ok((db, Ok(out))) => {
+                failed += 1;
+                tracing::warn!(db = %db.display(), why, stderr = %String::from_utf8_lossy(&out.stderr).trim(),
+                    "litestream sync failed");
+            }
+            Ok((db, Err(e))) => {
+                failed += 1;
+                tracing::warn!(db = %db.display(), error = %e, "cannot run litestream sync");
+            }
+            Err(e) => {
+                failed += 1;
+                tracing::warn!(error = %e, "litestream sync task failed");
             }
         }
-        tracing::info!(
-            dbs = self.args.dbs.len(),
-            failed,
-            millis = started.elapsed().as_millis() as u64,
-            "forced litestream sync before stop"
-        );
+    }
+    let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    tracing::info!(dbs = total, failed, millis, why, "forced litestream sync");
+    if failed == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "{failed} of {total} partitions could not be confirmed on the replica ({why})"
+        ))
     }
 }
 
@@ -286,8 +347,10 @@ fn signal(pid: u32, sig: Signal) {
 }
 
 /// Stops a Litestream left running by a previous run of this pod (pid file present, process
-/// alive and named litestream), so two never replicate the same files.
-async fn stop_leftover(pid_file: &Path) {
+/// alive and named litestream), so two never replicate the same files. Waits up to its
+/// shutdown-sync-timeout plus slack for its final sync, then kills it. Must run before restore
+/// touches any partition file.
+pub async fn stop_leftover(pid_file: &Path) {
     let Ok(text) = std::fs::read_to_string(pid_file) else {
         return;
     };

@@ -172,10 +172,14 @@ async fn restore_one(
                 millis: 0,
             });
         }
-        FileHealth::Missing => {}
+        FileHealth::Missing => {
+            // A leftover -wal or -shm would be replayed onto the restored file (nothing ties a
+            // WAL to its database), and Litestream's metadata describes the lost file.
+            move_aside(&path)?;
+        }
         FileHealth::Empty | FileHealth::Corrupt(_) => {
             tracing::warn!(%partition, path = %path.display(), ?health, "partition file unusable; moving it aside and restoring");
-            moved_aside = Some(move_aside(&path)?);
+            moved_aside = move_aside(&path)?;
         }
     }
     let tmp = path.with_extension("sqlite3.restoring");
@@ -244,9 +248,9 @@ async fn restore_one(
 }
 
 /// Renames a bad partition file (with its `-wal`, `-shm` and Litestream's `.NAME-litestream`
-/// metadata directory, which describes the old file) to `NAME.corrupt-UNIXSECS…`. Returns the new
-/// name of the database file.
-fn move_aside(path: &Path) -> Result<PathBuf, ReplicationError> {
+/// metadata directory, which describes the old file) to `NAME.corrupt-UNIXSECS…`, whichever of
+/// them exist. Returns the new name of the database file, if it existed.
+fn move_aside(path: &Path) -> Result<Option<PathBuf>, ReplicationError> {
     let stamp = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -275,7 +279,7 @@ fn move_aside(path: &Path) -> Result<PathBuf, ReplicationError> {
             }
         }
     }
-    Ok(moved.unwrap_or_else(|| path.to_owned()))
+    Ok(moved)
 }
 
 fn remove_if_exists(path: &Path) -> Result<(), ReplicationError> {

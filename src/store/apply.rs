@@ -108,9 +108,12 @@ pub(super) fn dispatch(tx: &Connection, event: &DispatchEvent) -> rusqlite::Resu
 
 /// A new session started: every cached guild may be out of date until its GUILD_CREATE arrives
 /// (stale), and a guild the session does not list is unavailable until Discord says otherwise.
-pub(super) fn session_started(tx: &Connection, guilds: &[u64]) -> rusqlite::Result<()> {
+pub(super) fn session_started(tx: &Connection, guilds: Option<&[u64]>) -> rusqlite::Result<()> {
     tx.prepare_cached("UPDATE guilds SET stale = 1 WHERE stale = 0")?
         .execute([])?;
+    let Some(guilds) = guilds else {
+        return Ok(());
+    };
     tx.prepare_cached(
         "UPDATE guilds SET unavailable = 1
          WHERE unavailable = 0 AND id NOT IN (SELECT value FROM json_each(?1))",

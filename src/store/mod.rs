@@ -64,10 +64,10 @@ pub struct SessionStart {
     pub session_id: String,
     /// Discord's `resume_gateway_url`.
     pub resume_url: String,
-    /// The guilds READY listed for this session that belong to this partition. Cached guilds
-    /// not among them are marked unavailable (kept, not deleted): the bot may have left them
-    /// while the session was gone, and GUILD_CREATE/GUILD_DELETE will tell.
-    pub guilds: Vec<u64>,
+    /// The guilds READY listed for this session that belong to this partition, when READY could
+    /// be decoded. Cached guilds not among them are marked unavailable (kept, not deleted): the
+    /// bot may have left them while the session was gone, and GUILD_CREATE/GUILD_DELETE will tell.
+    pub guilds: Option<Vec<u64>>,
 }
 
 /// One step of a partition's input, in the order the shard routed it.
@@ -315,7 +315,7 @@ impl PartitionStore {
                         resume_url: start.resume_url.clone(),
                         applied_seq: 0,
                     });
-                    apply::session_started(&tx, &start.guilds).map_err(err)?;
+                    apply::session_started(&tx, start.guilds.as_deref()).map_err(err)?;
                     session_dirty = true;
                 }
                 Op::Dispatch { seq, event } => {

@@ -64,7 +64,7 @@ fn session_with(id: &str, guilds: Vec<u64>) -> Op {
         shard_total: 1,
         session_id: id.into(),
         resume_url: "ws://127.0.0.1:1".into(),
-        guilds,
+        guilds: Some(guilds),
     })
 }
 
