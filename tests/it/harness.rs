@@ -178,6 +178,30 @@ impl NodeProcess {
         .await
     }
 
+    /// GET /readyz: the HTTP status code and the parsed body (200 ready, 503 not ready).
+    pub async fn readyz(&self) -> Option<(u16, NodeStatus)> {
+        let resp = reqwest::get(format!("http://{}/readyz", self.http))
+            .await
+            .ok()?;
+        let code = resp.status().as_u16();
+        Some((code, resp.json().await.ok()?))
+    }
+
+    /// Sends SIGKILL (a crash: no close frame, no drain, no final sync by the node itself) and
+    /// waits for the exit status.
+    pub async fn kill9(mut self) -> ExitStatus {
+        let pid = self.pid().to_string();
+        let mut child = self.child.take().unwrap();
+        let killed = Command::new("kill").args(["-KILL", &pid]).status().unwrap();
+        assert!(killed.success(), "kill -KILL {pid}");
+        wait_for(
+            "shardlite run to die",
+            Duration::from_secs(30),
+            async || child.try_wait().unwrap(),
+        )
+        .await
+    }
+
     /// The child's process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
@@ -203,5 +227,17 @@ impl Drop for NodeProcess {
                 self.stderr_text()
             );
         }
+    }
+}
+
+/// True once process `pid` is gone: no `/proc/PID`, or a zombie (exited, waiting to be reaped by
+/// whoever inherited it).
+pub fn process_exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // Format: `pid (comm) state …`; comm may contain spaces or parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
     }
 }
