@@ -63,3 +63,16 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     }
     out
 }
+
+/// Writes `contents` to `path` atomically: a temporary file beside it (`NAME.tmp`), then a
+/// rename, so a reader (a test waiting for a ready file, a Litestream sidecar) never sees a
+/// partial file.
+///
+/// # Errors
+/// The I/O error of the write or the rename.
+pub fn write_atomic(path: &std::path::Path, contents: &str) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, contents)?;
+    std::fs::rename(&tmp, path)
+}

@@ -121,13 +121,10 @@ pub async fn run(
 /// # Errors
 /// [`RunError::ReadyFile`] on any I/O error.
 pub fn write_ready_file(path: &Path, value: &serde_json::Value) -> Result<(), RunError> {
-    let err = |source| RunError::ReadyFile {
+    crate::write_atomic(path, &value.to_string()).map_err(|source| RunError::ReadyFile {
         path: path.to_owned(),
         source,
-    };
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, value.to_string()).map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+    })
 }
 
 /// `shardlite simulate`: runs the Discord simulator until `shutdown`, printing its URLs and

@@ -115,14 +115,8 @@ pub fn verify(
                 i += 1;
                 j += 1;
             }
-            (Some(e), Some(s)) if e < s => {
-                v.missing += 1;
-                if v.missing_examples.len() < EXAMPLES {
-                    v.missing_examples.push(*e);
-                }
-                i += 1;
-            }
-            (Some(e), None) => {
+            // Expected but not stored: the next stored id is larger, or none is left.
+            (Some(e), s) if s.is_none_or(|s| e < s) => {
                 v.missing += 1;
                 if v.missing_examples.len() < EXAMPLES {
                     v.missing_examples.push(*e);

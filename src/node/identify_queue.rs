@@ -41,6 +41,14 @@ struct State {
     reserve: u32,
 }
 
+impl State {
+    /// Discord refilled the daily budget: everything but the reserve may be spent. A reserve as
+    /// large as the whole budget still lets one identify through per period.
+    fn refill(&mut self) {
+        self.spendable = self.total.saturating_sub(self.reserve).max(1);
+    }
+}
+
 impl IdentifyQueue {
     /// A queue for `limit` (from `GET /gateway/bot`) that never spends the last `reserve`
     /// identifies of a day.
@@ -67,7 +75,7 @@ impl IdentifyQueue {
             .expect("identify queue lock is never poisoned");
         let now = Instant::now();
         if now >= st.reset_at {
-            st.spendable = st.total.saturating_sub(st.reserve).max(1);
+            st.refill();
             st.reset_at = now + BUDGET_PERIOD;
         }
         let bucket = shard as usize % st.buckets.len();
@@ -80,8 +88,7 @@ impl IdentifyQueue {
                 "daily identify budget spent down to the reserve; waiting for Discord's reset"
             );
             at = at.max(st.reset_at);
-            // A reserve as large as the whole budget still lets one identify through per period.
-            st.spendable = st.total.saturating_sub(st.reserve).max(1);
+            st.refill();
             st.reset_at += BUDGET_PERIOD;
         }
         st.spendable -= 1;

@@ -257,25 +257,14 @@ impl LitestreamState {
 impl LitestreamState {
     /// Forces a sync of every partition; `Err` names how many could not be confirmed.
     async fn sync_all(&self) -> Result<(), String> {
-        sync_wait(
-            &self.args.bin,
-            &self.args.socket,
-            self.args.dbs.clone(),
-            "stop",
-        )
-        .await
+        sync_wait(&self.args.bin, &self.args.socket, self.args.dbs.clone()).await
     }
 }
 
 /// Runs `litestream sync -wait` for each of `dbs` over the control socket, all at once: returns
 /// when the replica holds what each file had committed, or `Err` naming how many could not be
-/// confirmed (each bounded by Litestream's `-timeout`). `why` goes into the log.
-async fn sync_wait(
-    bin: &Path,
-    socket: &Path,
-    dbs: Vec<PathBuf>,
-    why: &'static str,
-) -> Result<(), String> {
+/// confirmed (each bounded by Litestream's `-timeout`).
+async fn sync_wait(bin: &Path, socket: &Path, dbs: Vec<PathBuf>) -> Result<(), String> {
     let started = Instant::now();
     let total = dbs.len();
     let mut tasks = tokio::task::JoinSet::new();
@@ -314,7 +303,7 @@ async fn sync_wait(
             Ok((_, Ok(out))) if out.status.success() => {}
             Ok((db, Ok(out))) => {
                 failed += 1;
-                tracing::warn!(db = %db.display(), why, stderr = %String::from_utf8_lossy(&out.stderr).trim(),
+                tracing::warn!(db = %db.display(), stderr = %String::from_utf8_lossy(&out.stderr).trim(),
                     "litestream sync failed");
             }
             Ok((db, Err(e))) => {
@@ -328,12 +317,17 @@ async fn sync_wait(
         }
     }
     let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-    tracing::info!(dbs = total, failed, millis, why, "forced litestream sync");
+    tracing::info!(
+        dbs = total,
+        failed,
+        millis,
+        "forced litestream sync before stop"
+    );
     if failed == 0 {
         Ok(())
     } else {
         Err(format!(
-            "{failed} of {total} partitions could not be confirmed on the replica ({why})"
+            "{failed} of {total} partitions could not be confirmed on the replica before stop"
         ))
     }
 }

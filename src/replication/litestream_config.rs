@@ -5,7 +5,7 @@
 //! compile) and every replica says `type: s3`. Credentials never appear: Litestream reads
 //! `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` (or `LITESTREAM_*`) from its own environment.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::Serialize;
 
@@ -153,14 +153,4 @@ pub fn render(config: &Config, partitions: &[PartitionId]) -> String {
         config.cluster.pods,
         partitions.len()
     )
-}
-
-/// Writes the rendered file to `path` atomically (temp file, then rename).
-///
-/// # Errors
-/// The I/O error.
-pub fn write(path: &Path, contents: &str) -> std::io::Result<()> {
-    let tmp = path.with_extension("yml.tmp");
-    std::fs::write(&tmp, contents)?;
-    std::fs::rename(&tmp, path)
 }

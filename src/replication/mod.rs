@@ -113,11 +113,12 @@ pub async fn prepare(
         source,
     })?;
     let config_file = data_dir.join(litestream_config::FILE_NAME);
-    litestream_config::write(&config_file, &litestream_config::render(config, partitions))
-        .map_err(|source| ReplicationError::Io {
+    crate::write_atomic(&config_file, &litestream_config::render(config, partitions)).map_err(
+        |source| ReplicationError::Io {
             path: config_file.clone(),
             source,
-        })?;
+        },
+    )?;
     let outcomes = restore::restore_before_open(config, partitions).await?;
     Ok(Some(Prepared {
         config_file,
