@@ -21,7 +21,7 @@ use shardlite::config::{Config, ReplicationMode};
 use shardlite::ownership::PartitionId;
 use shardlite::replication::litestream_config::{render, replica_url};
 use shardlite::simulator::{SimConfig, Simulator};
-use shardlite::store::PartitionStore;
+use shardlite::store::{Checkpointer, PartitionStore};
 
 const PARTITIONS: u32 = 64;
 const ROW_BYTES: usize = 4096;
@@ -37,7 +37,7 @@ fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
 /// Fills a partition file with `mib` MiB of incompressible message rows (LTX compression would
 /// otherwise shrink the replica and flatter the restore).
 fn fill(path: &Path, partition: PartitionId, mib: usize, seed: u64) {
-    drop(PartitionStore::open(path, partition).unwrap());
+    drop(PartitionStore::open(path, partition, Checkpointer::Sqlite).unwrap());
     let mut conn = rusqlite::Connection::open(path).unwrap();
     conn.pragma_update(None, "journal_mode", "WAL").unwrap();
     let mut rng = fastrand::Rng::with_seed(seed);

@@ -28,7 +28,7 @@ use twilight_gateway::{ConfigBuilder, Intents};
 use crate::config::{Config, ReplicationMode};
 use crate::ownership::{PartitionId, Topology};
 use crate::replication::{self, child::LitestreamArgs};
-use crate::store::PartitionStore;
+use crate::store::{Checkpointer, PartitionStore};
 use identify_queue::IdentifyQueue;
 use restart::RestartPolicy;
 pub use root::NodeStatus;
@@ -281,16 +281,26 @@ impl Node {
 /// that and its final sync would miss the partition.
 async fn create_partition_files(config: &Config, owned: &[PartitionId]) -> Result<(), NodeError> {
     let data_dir = config.storage.data_dir.clone();
+    let checkpointer = checkpointer(config.replication.mode);
     let owned = owned.to_vec();
     tokio::task::spawn_blocking(move || {
         for p in owned {
-            PartitionStore::open(&PartitionStore::path_in(&data_dir, p), p)
+            PartitionStore::open(&PartitionStore::path_in(&data_dir, p), p, checkpointer)
                 .map_err(|e| NodeError::Start(crate::error_chain(&e)))?;
         }
         Ok(())
     })
     .await
     .expect("opening partition files does not panic")
+}
+
+/// Who checkpoints partition files under replication `mode`: Litestream whenever it replicates
+/// them (child or external), SQLite otherwise. See [`Checkpointer`] for why.
+pub(crate) fn checkpointer(mode: ReplicationMode) -> Checkpointer {
+    match mode {
+        ReplicationMode::Child | ReplicationMode::External => Checkpointer::Litestream,
+        ReplicationMode::Off => Checkpointer::Sqlite,
+    }
 }
 
 /// Cloneable status access to a running node.

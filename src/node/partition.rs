@@ -16,7 +16,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::Semaphore;
 
 use crate::ownership::PartitionId;
-use crate::store::{AppliedSession, BatchOutcome, Op, PartitionStore, StoreError};
+use crate::store::{AppliedSession, BatchOutcome, Checkpointer, Op, PartitionStore, StoreError};
 
 /// Messages of [`PartitionActor`].
 pub enum PartitionMsg {
@@ -61,6 +61,8 @@ pub struct PartitionArgs {
     pub flush_interval: Duration,
     /// The shard's in-flight budget: one permit returns per dispatch committed or dropped.
     pub in_flight: Arc<Semaphore>,
+    /// Who checkpoints the file's WAL (Litestream when it replicates the file).
+    pub checkpointer: Checkpointer,
 }
 
 /// State of a running partition actor.
@@ -93,10 +95,11 @@ impl Actor for PartitionActor {
             path,
             shard_id,
             shard_total,
+            checkpointer,
             ..
         } = args;
         let (store, session) = tokio::task::spawn_blocking(move || {
-            let store = PartitionStore::open(&path, partition)?;
+            let store = PartitionStore::open(&path, partition, checkpointer)?;
             let session = store.applied_session(shard_id, shard_total)?;
             Ok::<_, StoreError>((store, session))
         })

@@ -213,6 +213,7 @@ impl ShardGroupState {
                 batch_max: storage.batch_max,
                 flush_interval: Duration::from_millis(storage.flush_interval_ms),
                 in_flight: in_flight.clone(),
+                checkpointer: super::checkpointer(ctx.config.replication.mode),
             };
             let (actor, _) = Actor::spawn_linked(None, PartitionActor, args, myself.get_cell())
                 .await

@@ -17,6 +17,7 @@ mod schema;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use twilight_model::gateway::event::DispatchEvent;
 
@@ -33,6 +34,29 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// partitions would be most of a pod's memory; writes here are appends and small upserts whose
 /// index pages stay hot in 1 MiB (measured in bench/README.md).
 pub const PAGE_CACHE_KIB: u32 = 1024;
+
+/// Who moves committed WAL frames into the database file (SQLite's checkpoint) for a partition.
+///
+/// Litestream reads the WAL to build its replica, so when it replicates a file it must be the only
+/// checkpointer. Litestream 0.5.17 builds a damaged replica when the WAL was checkpointed and
+/// restarted by someone else while it was not running: a `kill -9` of `litestream replicate`, a few
+/// hundred milliseconds of writes with SQLite's autocheckpoint, a restart, and the partition later
+/// restored from that replica failed `quick_check` ("Rowid … out of order") in 3 runs of 3; with
+/// `Litestream` here it restored exactly in every run (`tests/it/replication.rs`,
+/// `litestream_child_killed_after_uploads_leaves_a_restorable_replica`). Upstream tracks this class
+/// of bug as benbjohnson/litestream#752 and #1164. Litestream's own guidance for busy writers is the
+/// same: `wal_autocheckpoint = 0`, leave checkpoints to Litestream.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Checkpointer {
+    /// SQLite checkpoints: autocheckpoint (PASSIVE) at 1000 WAL pages and a checkpoint when the
+    /// last connection closes. For a partition nothing replicates (`replication.mode = "off"`).
+    #[default]
+    Sqlite,
+    /// Only Litestream checkpoints (PASSIVE every minute or past 1000 pages, TRUNCATE past its
+    /// `truncate-page-n`): `wal_autocheckpoint = 0` and `SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE`. While
+    /// Litestream is down the WAL grows with every commit and is replicated when it is back.
+    Litestream,
+}
 
 /// What a partition has applied of one shard's gateway session (DESIGN §5), as committed.
 ///
@@ -172,13 +196,17 @@ impl PartitionStore {
     /// Opens (creating if absent) the partition file at `path` for writing, in WAL mode with
     /// `synchronous=NORMAL` and a 5 s busy timeout (Litestream's requirements), and migrates it.
     ///
-    /// The parent directory must exist. Checkpointing stays at SQLite's default (autocheckpoint at
-    /// 1000 pages, PASSIVE), which Litestream tolerates; the app never forces TRUNCATE checkpoints.
+    /// The parent directory must exist. `checkpointer` says who checkpoints the WAL (see
+    /// [`Checkpointer`]); the app itself never forces a checkpoint.
     ///
     /// # Errors
     /// [`StoreError::Open`] if SQLite cannot open the file or it is not a database;
     /// [`StoreError::Migrate`] if the schema is newer than this build or a step fails.
-    pub fn open(path: &Path, partition: PartitionId) -> Result<Self, StoreError> {
+    pub fn open(
+        path: &Path,
+        partition: PartitionId,
+        checkpointer: Checkpointer,
+    ) -> Result<Self, StoreError> {
         let open_err = |source| StoreError::Open {
             path: path.to_owned(),
             source,
@@ -204,6 +232,12 @@ impl PartitionStore {
         // Negative: KiB rather than pages (SQLite's convention).
         conn.pragma_update(None, "cache_size", -i64::from(PAGE_CACHE_KIB))
             .map_err(open_err)?;
+        if checkpointer == Checkpointer::Litestream {
+            conn.pragma_update(None, "wal_autocheckpoint", 0)
+                .map_err(open_err)?;
+            conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
+                .map_err(open_err)?;
+        }
         conn.set_prepared_statement_cache_capacity(64);
         schema::migrate(&mut conn).map_err(|source| StoreError::Migrate {
             path: path.to_owned(),

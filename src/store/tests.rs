@@ -69,7 +69,12 @@ fn session_with(id: &str, guilds: Vec<u64>) -> Op {
 }
 
 fn open(dir: &tempfile::TempDir) -> PartitionStore {
-    PartitionStore::open(&dir.path().join("p0000.sqlite3"), PartitionId(0)).unwrap()
+    PartitionStore::open(
+        &dir.path().join("p0000.sqlite3"),
+        PartitionId(0),
+        Checkpointer::Sqlite,
+    )
+    .unwrap()
 }
 
 #[test]
@@ -194,7 +199,7 @@ fn a_file_that_is_not_a_database_is_a_clear_open_error() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("p0000.sqlite3");
     std::fs::write(&path, vec![0x42; 8192]).unwrap();
-    let err = PartitionStore::open(&path, PartitionId(0)).unwrap_err();
+    let err = PartitionStore::open(&path, PartitionId(0), Checkpointer::Sqlite).unwrap_err();
     assert!(matches!(err, StoreError::Open { .. }), "{err:?}");
     assert!(err.to_string().contains("p0000.sqlite3"));
     // Nothing was written over the bad file.
@@ -220,4 +225,54 @@ fn a_guild_absent_from_a_new_session_becomes_unavailable_not_deleted() {
     store.apply(&mut s, &[guild_create(1, &[CHANNEL])]).unwrap();
     let g = store.guild_counts().unwrap()[0];
     assert!(!g.unavailable && !g.stale, "{g:?}");
+}
+
+/// Writes `n` messages of about 4 KiB each (one WAL page per row, at least) in batches of 100.
+fn write_large_messages(store: &mut PartitionStore, n: u64) {
+    let mut s = None;
+    store.apply(&mut s, &[session("a")]).unwrap();
+    let content = "x".repeat(4000);
+    for batch in 0..n / 100 {
+        let ops: Vec<Op> = (1..=100)
+            .map(|i| {
+                let seq = batch * 100 + i;
+                Op::Dispatch {
+                    seq,
+                    event: Box::new(event("MESSAGE_CREATE", &message_json(seq, &content))),
+                }
+            })
+            .collect();
+        store.apply(&mut s, &ops).unwrap();
+    }
+}
+
+#[test]
+fn with_litestream_checkpointing_the_app_never_checkpoints_the_wal() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p0000.sqlite3");
+    let wal = dir.path().join("p0000.sqlite3-wal");
+    {
+        let mut store =
+            PartitionStore::open(&path, PartitionId(0), Checkpointer::Litestream).unwrap();
+        // 1,500 rows of 4 KB: well past SQLite's 1,000-page autocheckpoint.
+        write_large_messages(&mut store, 1_500);
+    }
+    // Closed, and still every frame in the WAL: neither autocheckpoint nor close moved them.
+    let wal_bytes = std::fs::metadata(&wal).unwrap().len();
+    assert!(wal_bytes > 1_500 * 4096, "WAL has only {wal_bytes} bytes");
+    assert!(std::fs::metadata(&path).unwrap().len() < 1024 * 1024);
+    let store = PartitionStore::open(&path, PartitionId(0), Checkpointer::Litestream).unwrap();
+    assert_eq!(store.counts().unwrap().messages, 1_500);
+}
+
+#[test]
+fn with_sqlite_checkpointing_close_moves_the_wal_into_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p0000.sqlite3");
+    {
+        let mut store = PartitionStore::open(&path, PartitionId(0), Checkpointer::Sqlite).unwrap();
+        write_large_messages(&mut store, 1_500);
+    }
+    assert!(!dir.path().join("p0000.sqlite3-wal").exists());
+    assert!(std::fs::metadata(&path).unwrap().len() > 1_500 * 4096);
 }
