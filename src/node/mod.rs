@@ -27,7 +27,10 @@ use twilight_gateway::{ConfigBuilder, Intents};
 
 use crate::config::{Config, ReplicationMode};
 use crate::ownership::{PartitionId, Topology};
-use crate::replication::{self, child::LitestreamArgs};
+use crate::replication::{
+    self,
+    child::{LitestreamArgs, ReplicaSync},
+};
 use crate::store::{Checkpointer, PartitionStore};
 use identify_queue::IdentifyQueue;
 use restart::RestartPolicy;
@@ -45,6 +48,9 @@ pub struct NodeContext {
     pub gateway: twilight_gateway::Config<IdentifyQueue>,
     /// Restart policy of every supervisor.
     pub policy: RestartPolicy,
+    /// Forces uploads through the Litestream child (`replication.mode = "child"`); shards use it
+    /// to make each new gateway session durable on the replica before applying its dispatches.
+    pub replica_sync: Option<ReplicaSync>,
 }
 
 /// Errors of starting, querying and stopping the node.
@@ -204,7 +210,11 @@ impl Node {
             } else {
                 Duration::ZERO
             };
+        let replica_sync = litestream
+            .as_ref()
+            .map(|args| ReplicaSync::new(&args.bin, &args.socket));
         let ctx = Arc::new(NodeContext {
+            replica_sync,
             policy: RestartPolicy::from(&config.supervision),
             topology,
             gateway,

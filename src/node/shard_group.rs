@@ -16,7 +16,7 @@ use tokio::sync::Semaphore;
 use super::NodeContext;
 use super::partition::{PartitionActor, PartitionArgs, PartitionMsg, PartitionStatus};
 use super::restart::{Decision, RestartTracker};
-use super::shard::{FATAL_PREFIX, ShardActor, ShardArgs, ShardMsg, ShardStatus};
+use super::shard::{FATAL_PREFIX, SessionSync, ShardActor, ShardArgs, ShardMsg, ShardStatus};
 use crate::store::{AppliedSession, PartitionStore};
 
 /// Bound on one child's answer to a status or drain request.
@@ -249,6 +249,18 @@ impl ShardGroupState {
             in_flight,
             watermark_interval: Duration::from_millis(storage.watermark_interval_ms),
             silence_timeout: Duration::from_secs(ctx.config.supervision.shard_silence_timeout_secs),
+            session_sync: ctx.replica_sync.clone().map(|sync| {
+                let data_dir =
+                    crate::replication::litestream_config::absolute_data_dir(&ctx.config);
+                SessionSync {
+                    sync,
+                    files: topology
+                        .partitions_of_shard(self.shard_id)
+                        .into_iter()
+                        .map(|p| PartitionStore::path_in(&data_dir, p))
+                        .collect(),
+                }
+            }),
         };
         let (shard, _) = Actor::spawn_linked(None, ShardActor, args, myself.get_cell())
             .await

@@ -257,78 +257,114 @@ impl LitestreamState {
 impl LitestreamState {
     /// Forces a sync of every partition; `Err` names how many could not be confirmed.
     async fn sync_all(&self) -> Result<(), String> {
-        sync_wait(&self.args.bin, &self.args.socket, self.args.dbs.clone()).await
+        ReplicaSync::new(&self.args.bin, &self.args.socket)
+            .sync_wait(
+                self.args.dbs.clone(),
+                Duration::from_secs(SHUTDOWN_SYNC_TIMEOUT_SECS),
+                "before stop",
+            )
+            .await
     }
 }
 
-/// Runs `litestream sync -wait` for each of `dbs` over the control socket, all at once: returns
-/// when the replica holds what each file had committed, or `Err` naming how many could not be
-/// confirmed (each bounded by Litestream's `-timeout`).
-async fn sync_wait(bin: &Path, socket: &Path, dbs: Vec<PathBuf>) -> Result<(), String> {
-    let started = Instant::now();
-    let total = dbs.len();
-    let mut tasks = tokio::task::JoinSet::new();
-    for db in dbs {
-        let (bin, socket) = (bin.to_owned(), socket.to_owned());
-        tasks.spawn(async move {
-            // Litestream opens its control socket a few hundred milliseconds after it starts; a
-            // sync asked for earlier is retried until the socket answers, within the same bound.
-            let deadline = Instant::now() + Duration::from_secs(SHUTDOWN_SYNC_TIMEOUT_SECS);
-            loop {
-                let out = tokio::process::Command::new(&bin)
-                    .args(["sync", "-wait", "-timeout"])
-                    .arg(SHUTDOWN_SYNC_TIMEOUT_SECS.to_string())
-                    .arg("-socket")
-                    .arg(&socket)
-                    .arg(&db)
-                    .env_remove("AWS_CA_BUNDLE")
-                    .stdin(std::process::Stdio::null())
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::piped())
-                    .kill_on_drop(true)
-                    .output()
-                    .await;
-                let retry = matches!(&out, Ok(o) if !o.status.success()
-                    && String::from_utf8_lossy(&o.stderr).contains("control socket"));
-                if !retry || Instant::now() > deadline {
-                    return (db, out);
-                }
-                tokio::time::sleep(SOCKET_RETRY).await;
-            }
-        });
-    }
-    let mut failed = 0;
-    while let Some(joined) = tasks.join_next().await {
-        match joined {
-            Ok((_, Ok(out))) if out.status.success() => {}
-            Ok((db, Ok(out))) => {
-                failed += 1;
-                tracing::warn!(db = %db.display(), stderr = %String::from_utf8_lossy(&out.stderr).trim(),
-                    "litestream sync failed");
-            }
-            Ok((db, Err(e))) => {
-                failed += 1;
-                tracing::warn!(db = %db.display(), error = %e, "cannot run litestream sync");
-            }
-            Err(e) => {
-                failed += 1;
-                tracing::warn!(error = %e, "litestream sync task failed");
-            }
+/// Forces uploads through a running Litestream's control socket (`litestream sync -wait`), so a
+/// caller can wait until the replica holds what a partition file had committed.
+///
+/// Works against any `litestream replicate` that serves the rendered config's socket; shardlite
+/// uses it for its own child (stop, and each new gateway session: DESIGN §5).
+#[derive(Clone, Debug)]
+pub struct ReplicaSync {
+    bin: PathBuf,
+    socket: PathBuf,
+}
+
+impl ReplicaSync {
+    /// A syncer that runs the Litestream executable `bin` against the control socket `socket`.
+    pub fn new(bin: &Path, socket: &Path) -> Self {
+        Self {
+            bin: bin.to_owned(),
+            socket: socket.to_owned(),
         }
     }
-    let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-    tracing::info!(
-        dbs = total,
-        failed,
-        millis,
-        "forced litestream sync before stop"
-    );
-    if failed == 0 {
-        Ok(())
-    } else {
-        Err(format!(
-            "{failed} of {total} partitions could not be confirmed on the replica before stop"
-        ))
+
+    /// Runs `litestream sync -wait` for each of `dbs` (partition file paths, as in the rendered
+    /// config) at once: returns when the replica holds what each file had committed when the call
+    /// began, or `Err` naming how many could not be confirmed.
+    ///
+    /// Each file's sync is bounded by `timeout` (Litestream's `-timeout`, whole seconds, at least
+    /// 1), including retries while the socket does not answer yet: Litestream opens it a few
+    /// hundred milliseconds after it starts or restarts. `purpose` only labels the log lines.
+    pub async fn sync_wait(
+        &self,
+        dbs: Vec<PathBuf>,
+        timeout: Duration,
+        purpose: &'static str,
+    ) -> Result<(), String> {
+        let started = Instant::now();
+        let total = dbs.len();
+        let secs = timeout.as_secs().max(1);
+        let mut tasks = tokio::task::JoinSet::new();
+        for db in dbs {
+            let (bin, socket) = (self.bin.clone(), self.socket.clone());
+            tasks.spawn(async move {
+                let deadline = Instant::now() + Duration::from_secs(secs);
+                loop {
+                    let out = tokio::process::Command::new(&bin)
+                        .args(["sync", "-wait", "-timeout"])
+                        .arg(secs.to_string())
+                        .arg("-socket")
+                        .arg(&socket)
+                        .arg(&db)
+                        .env_remove("AWS_CA_BUNDLE")
+                        .stdin(std::process::Stdio::null())
+                        .stdout(std::process::Stdio::null())
+                        .stderr(std::process::Stdio::piped())
+                        .kill_on_drop(true)
+                        .output()
+                        .await;
+                    let retry = matches!(&out, Ok(o) if !o.status.success()
+                        && String::from_utf8_lossy(&o.stderr).contains("control socket"));
+                    if !retry || Instant::now() > deadline {
+                        return (db, out);
+                    }
+                    tokio::time::sleep(SOCKET_RETRY).await;
+                }
+            });
+        }
+        let mut failed = 0;
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok((_, Ok(out))) if out.status.success() => {}
+                Ok((db, Ok(out))) => {
+                    failed += 1;
+                    tracing::warn!(db = %db.display(), purpose,
+                        stderr = %String::from_utf8_lossy(&out.stderr).trim(), "litestream sync failed");
+                }
+                Ok((db, Err(e))) => {
+                    failed += 1;
+                    tracing::warn!(db = %db.display(), purpose, error = %e, "cannot run litestream sync");
+                }
+                Err(e) => {
+                    failed += 1;
+                    tracing::warn!(purpose, error = %e, "litestream sync task failed");
+                }
+            }
+        }
+        let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        tracing::info!(
+            dbs = total,
+            failed,
+            millis,
+            purpose,
+            "forced litestream sync"
+        );
+        if failed == 0 {
+            Ok(())
+        } else {
+            Err(format!(
+                "{failed} of {total} partitions could not be confirmed on the replica {purpose}"
+            ))
+        }
     }
 }
 

@@ -209,12 +209,9 @@ async fn kill9_campaign_loses_nothing_and_identifies_once() {
 /// crash lands 200–1000 ms after the node is ready, whether or not Litestream uploaded anything.
 /// Measured with Litestream 0.5.17: its first upload comes about 1 s after it starts (every
 /// restart starts it anew), and the orphan of a killed node logs "shutdown sync skipped,
-/// interrupted by signal" — so the node itself must make a new session durable on the replica.
+/// interrupted by signal" — so the node itself makes each new session durable on the replica
+/// before applying it (`node::shard::SessionSync`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known gap, issue 4 (b): a disk lost within ~1 s of a start (before Litestream's first \
-            upload of the session) loses that session; syncing each new session to the replica \
-            first fixes this test but made replicas restore corrupt after a kill -9 of the \
-            Litestream child (tests/it/replication.rs), so it is withdrawn until understood"]
 async fn kill9_with_lost_data_dir_restores_from_the_replica() {
     lost_disk_campaign("kill9-lost-disk", 0x5eed_00b7, false, 6_000).await;
 }
