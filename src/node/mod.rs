@@ -199,6 +199,7 @@ impl Node {
                         .collect(),
                     config_file: prepared.config_file,
                     policy: RestartPolicy::from(&config.supervision),
+                    config: config.clone(),
                 })
             }
             _ => None,

@@ -99,6 +99,7 @@ impl Actor for NodeActor {
             let group_args = ShardGroupArgs {
                 shard_id,
                 ctx: args.ctx.clone(),
+                litestream: litestream.clone(),
             };
             let (group, _) =
                 Actor::spawn_linked(None, ShardGroupActor, group_args, myself.get_cell())

@@ -17,6 +17,9 @@ use super::NodeContext;
 use super::partition::{PartitionActor, PartitionArgs, PartitionMsg, PartitionStatus};
 use super::restart::{Decision, RestartTracker};
 use super::shard::{FATAL_PREFIX, SessionSync, ShardActor, ShardArgs, ShardMsg, ShardStatus};
+use crate::ownership::PartitionId;
+use crate::replication::child::{LitestreamMsg, STOP_BOUND};
+use crate::replication::restore::{FileHealth, file_health};
 use crate::store::{AppliedSession, PartitionStore};
 
 /// Bound on one child's answer to a status or drain request.
@@ -56,12 +59,16 @@ pub struct ShardGroupArgs {
     pub shard_id: u32,
     /// Shared node context (config, topology, gateway config, restart policy).
     pub ctx: Arc<NodeContext>,
+    /// The Litestream child's actor (`replication.mode = "child"`): restores this group's files
+    /// when a restart finds them missing or corrupt.
+    pub litestream: Option<ActorRef<LitestreamMsg>>,
 }
 
 /// State of a running group.
 pub struct ShardGroupState {
     shard_id: u32,
     ctx: Arc<NodeContext>,
+    litestream: Option<ActorRef<LitestreamMsg>>,
     shard: Option<ActorRef<ShardMsg>>,
     partitions: Vec<ActorRef<PartitionMsg>>,
     tracker: RestartTracker,
@@ -88,6 +95,7 @@ impl Actor for ShardGroupActor {
             shard_id: args.shard_id,
             tracker: RestartTracker::new(args.ctx.policy),
             ctx: args.ctx,
+            litestream: args.litestream,
             shard: None,
             partitions: Vec::new(),
             generation: 0,
@@ -111,7 +119,12 @@ impl Actor for ShardGroupActor {
                     state.restarts += 1;
                     metrics::counter!(super::metrics::GROUP_RESTARTS, "shard" => state.shard_id.to_string())
                         .increment(1);
-                    if let Err(e) = state.start_children(&myself).await {
+                    let started = match state.repair_files().await {
+                        Ok(()) => state.start_children(&myself).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = started {
+                        tracing::warn!(shard = state.shard_id, error = %e, "shard group restart failed");
                         // A restart that cannot start counts as one more failure of the group.
                         let reason = format!("restart failed: {e}");
                         state.on_failure(&myself, reason).await?;
@@ -189,6 +202,61 @@ impl ShardGroupState {
             )
             .into()),
         }
+    }
+
+    /// Before a restart reopens the group's files (DESIGN §3): a file that is missing, empty or
+    /// fails `PRAGMA quick_check` is restored from its replica through the Litestream child, so
+    /// the shard resumes from what the restored file says it applied and the resume replays the
+    /// rest. Without this a lost file would reopen as a new empty partition and its session would
+    /// be gone. Healthy files (the usual case: a write or socket failure) cost one quick_check.
+    ///
+    /// # Errors
+    /// A file is unusable and there is no child to restore it (`replication.mode` is `off` or
+    /// `external`), or the restore failed: the restart fails and counts as a failure.
+    async fn repair_files(&self) -> Result<(), ActorProcessingErr> {
+        let data_dir = self.ctx.config.storage.data_dir.clone();
+        let partitions = self.ctx.topology.partitions_of_shard(self.shard_id);
+        let checked = {
+            let partitions = partitions.clone();
+            tokio::task::spawn_blocking(move || {
+                partitions
+                    .into_iter()
+                    .map(|p| (p, file_health(&PartitionStore::path_in(&data_dir, p))))
+                    .filter(|(_, health)| *health != FileHealth::Healthy)
+                    .collect::<Vec<_>>()
+            })
+            .await?
+        };
+        if checked.is_empty() {
+            return Ok(());
+        }
+        let listed = checked
+            .iter()
+            .map(|(p, health)| format!("{p} ({health:?})"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let Some(litestream) = &self.litestream else {
+            return Err(format!(
+                "partition files unusable: {listed}; replication.mode = \"{}\" has no replica \
+                 this process can restore from (move the files aside to start those partitions \
+                 empty, or restore them and restart)",
+                self.ctx.config.replication.mode
+            )
+            .into());
+        };
+        tracing::warn!(shard = self.shard_id, files = %listed,
+            "partition files unusable at group restart; restoring them from the replica");
+        let bad: Vec<PartitionId> = checked.into_iter().map(|(p, _)| p).collect();
+        let timeout =
+            Duration::from_secs(self.ctx.config.replication.restore_timeout_secs) + STOP_BOUND;
+        let outcomes = super::call(litestream, |r| LitestreamMsg::Restore(bad, r), timeout)
+            .await
+            .map_err(|e| crate::error_chain(&e))??;
+        for o in outcomes {
+            tracing::info!(shard = self.shard_id, partition = %o.partition, decision = ?o.decision,
+                moved_aside = ?o.moved_aside, "partition restored at group restart");
+        }
+        Ok(())
     }
 
     /// Spawns the partitions, reads what they committed, then spawns the shard resuming from it.

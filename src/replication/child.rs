@@ -15,8 +15,12 @@ use nix::unistd::Pid;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::watch;
 
-use super::litestream_config::SHUTDOWN_SYNC_TIMEOUT_SECS;
+use super::litestream_config::{SHUTDOWN_SYNC_TIMEOUT_SECS, absolute_data_dir};
+use super::restore::{Outcome, restore_before_open};
+use crate::config::Config;
 use crate::node::restart::{Decision, RestartPolicy, RestartTracker};
+use crate::ownership::PartitionId;
+use crate::store::PartitionStore;
 
 /// How long a stopped child may take beyond Litestream's own shutdown-sync-timeout before it is
 /// killed.
@@ -40,6 +44,12 @@ pub enum LitestreamMsg {
     Stop(RpcReplyPort<Result<(), String>>),
     /// The current child's pid and restart count.
     Status(RpcReplyPort<LitestreamStatus>),
+    /// Restore these partitions from their replicas while the node runs (a shard group found
+    /// their files missing or corrupt at a restart, DESIGN §3): sync every other partition and
+    /// stop the child, so no Litestream holds the old file or its metadata; restore as at start
+    /// ([`restore_before_open`]: bad files moved aside, never deleted); start the child again.
+    /// Replies with the outcomes, or the restore error.
+    Restore(Vec<PartitionId>, RpcReplyPort<Result<Vec<Outcome>, String>>),
 }
 
 /// What the actor reports.
@@ -65,6 +75,8 @@ pub struct LitestreamArgs {
     pub dbs: Vec<PathBuf>,
     /// Restart policy.
     pub policy: RestartPolicy,
+    /// The node's config: replica settings for a restore while running.
+    pub config: Config,
 }
 
 /// SIGTERMs the child when the actor's state is dropped without a stop (the actor was killed,
@@ -160,6 +172,15 @@ impl Actor for LitestreamActor {
                 // The asker may have timed out; the child is stopped either way.
                 let _ = reply.send(result);
             }
+            LitestreamMsg::Restore(partitions, reply) => {
+                let result = state.restore(&partitions).await;
+                // The other partitions keep replicating whatever the restore's outcome; a child
+                // that cannot start again fails this actor, as at start.
+                state.stopping = false;
+                state.spawn(&myself)?;
+                // A timed-out asker (its group) retries at its next restart.
+                let _ = reply.send(result);
+            }
             LitestreamMsg::Status(reply) => {
                 // A timed-out asker is not our failure.
                 let _ = reply.send(LitestreamStatus {
@@ -232,11 +253,27 @@ impl LitestreamState {
     /// 0.5.17, a SIGTERM shortly after start exits at once, before the first snapshot of a new
     /// database was uploaded.
     async fn stop(&mut self) -> Result<(), String> {
+        self.stop_syncing(self.args.dbs.clone(), "before stop")
+            .await
+    }
+
+    /// [`Self::stop`], forcing a sync of `dbs` only.
+    async fn stop_syncing(
+        &mut self,
+        dbs: Vec<PathBuf>,
+        purpose: &'static str,
+    ) -> Result<(), String> {
         let Some(pid) = self.pid.take() else {
             return Ok(());
         };
         self.guard.0 = None;
-        let synced = self.sync_all().await;
+        let synced = ReplicaSync::new(&self.args.bin, &self.args.socket)
+            .sync_wait(
+                dbs,
+                Duration::from_secs(SHUTDOWN_SYNC_TIMEOUT_SECS),
+                purpose,
+            )
+            .await;
         signal(pid, Signal::SIGTERM);
         let grace = Duration::from_secs(SHUTDOWN_SYNC_TIMEOUT_SECS) + STOP_SLACK;
         if tokio::time::timeout(grace, self.exited.wait_for(|e| *e))
@@ -255,15 +292,29 @@ impl LitestreamState {
 }
 
 impl LitestreamState {
-    /// Forces a sync of every partition; `Err` names how many could not be confirmed.
-    async fn sync_all(&self) -> Result<(), String> {
-        ReplicaSync::new(&self.args.bin, &self.args.socket)
-            .sync_wait(
-                self.args.dbs.clone(),
-                Duration::from_secs(SHUTDOWN_SYNC_TIMEOUT_SECS),
-                "before stop",
-            )
+    /// See [`LitestreamMsg::Restore`]: stops the child and restores; the caller starts the child
+    /// again.
+    async fn restore(&mut self, partitions: &[PartitionId]) -> Result<Vec<Outcome>, String> {
+        let data_dir = absolute_data_dir(&self.args.config);
+        let restoring: Vec<PathBuf> = partitions
+            .iter()
+            .map(|p| PartitionStore::path_in(&data_dir, *p))
+            .collect();
+        let others: Vec<PathBuf> = self
+            .args
+            .dbs
+            .iter()
+            .filter(|db| !restoring.contains(db))
+            .cloned()
+            .collect();
+        self.stopping = true;
+        if let Err(e) = self.stop_syncing(others, "before a restore").await {
+            // Not fatal: the other files are intact locally and the next child uploads them.
+            tracing::warn!(error = %e, "restoring with some partitions not confirmed on the replica");
+        }
+        restore_before_open(&self.args.config, partitions)
             .await
+            .map_err(|e| crate::error_chain(&e))
     }
 }
 

@@ -1,6 +1,7 @@
 //! Supervision with a real failure: a partition whose file can no longer be written fails, its
 //! shard group restarts (one-for-all) with backoff until the file is writable again, and the
-//! shard resumes from what the partitions committed — nothing lost, nothing applied twice.
+//! shard resumes from what the partitions committed — nothing lost, nothing applied twice. A file
+//! lost meanwhile is restored from its replica before the group reopens it.
 
 use std::time::Duration;
 
@@ -9,6 +10,7 @@ use shardlite::simulator::{SimConfig, Simulator};
 use shardlite::verify::verify;
 
 use crate::harness::{NodeProcess, NodeSpec, wait_for};
+use crate::s3;
 
 fn chattr(flag: &str, path: &std::path::Path) {
     let status = std::process::Command::new("chattr")
@@ -85,6 +87,99 @@ async fn a_failing_partition_restarts_its_group_which_resumes_exactly() {
     assert!(v.is_exact(), "{v:?}");
     assert_eq!(v.stored_messages, 20_000);
     println!("group 1 restarted {restarts}+ times; exactly once held");
+}
+
+/// DESIGN §3: a partition file lost while the node runs is restored from its replica when the
+/// group restarts, and the shard resumes from what the restored file says it applied. The loss is
+/// staged inside a failure: an immutable WAL fails p0001's next commit and so the group; once that
+/// failure is logged (the restart is a backoff of seconds away), the flag is lifted and the files
+/// are deleted, so the restart finds the file missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_file_lost_while_running_is_restored_at_the_group_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let bucket = s3::bucket("group-restore").await;
+    let sim = Simulator::start(SimConfig {
+        guilds: 100,
+        shards: 2,
+        messages: 20_000,
+        rate: Some(2_500),
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let spec = NodeSpec {
+        shards: 2,
+        partitions: 8,
+        extra_toml: format!(
+            "{}[supervision]\nmax_restarts = 50\nbackoff_initial_ms = 3000\nbackoff_max_ms = 6000\n",
+            s3::replication_toml(&bucket, s3::endpoint(), 60)
+        ),
+    };
+    let node = NodeProcess::start(dir.path(), &sim, &spec).await;
+    wait_for(
+        "p0001 uploaded to its replica",
+        Duration::from_secs(30),
+        async || {
+            let url = format!(
+                "{}/{bucket}?list-type=2&prefix=test/partitions/p0001/",
+                s3::endpoint()
+            );
+            let body = reqwest::get(url).await.ok()?.text().await.ok()?;
+            (body.matches("<Key>").count() >= 2 && sim.status().messages_sent > 2_000).then_some(())
+        },
+    )
+    .await;
+    let partitions = node.data_dir.join("partitions");
+    let wal = partitions.join("p0001.sqlite3-wal");
+    chattr("+i", &wal);
+    wait_for(
+        "the failure of shard group 1",
+        Duration::from_secs(30),
+        async || {
+            node.stderr_text()
+                .contains("shard group child failed; restarting the group shard=1")
+                .then_some(())
+        },
+    )
+    .await;
+    chattr("-i", &wal);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(partitions.join(format!("p0001.sqlite3{suffix}")));
+    }
+    assert!(
+        sim.status().messages_sent < 20_000,
+        "the loss happened during ingest"
+    );
+    sim.wait_all_sent(Duration::from_secs(60)).await.unwrap();
+    node.wait_caught_up(&sim, Duration::from_secs(60)).await;
+    let status = node.status().await.unwrap();
+    assert!(status.ready, "{status:?}");
+    let stderr = node.stderr_text();
+    let data_dir = node.data_dir.clone();
+    assert!(node.stop().await.success());
+
+    let restored = stderr
+        .lines()
+        .find(|l| l.contains("partition restored at group restart"))
+        .unwrap_or_else(|| panic!("no restore at the group restart:\n{stderr}"));
+    assert!(
+        restored.contains("p0001") && restored.contains("decision=Restored"),
+        "{restored}"
+    );
+    for line in stderr.lines().filter(|l| {
+        l.contains("shardlite::node::shard_group") || l.contains("resumed") || l.contains("sync")
+    }) {
+        println!("{line}");
+    }
+    let shards = sim.status().shards;
+    assert_eq!(
+        shards[1].identifies, 1,
+        "the restarted shard resumed from the restored file: {:?}",
+        shards[1]
+    );
+    let v = verify(&data_dir, Topology::new(2, 8, 1).unwrap(), &sim.expected()).unwrap();
+    assert!(v.is_exact(), "{v:?}");
+    assert_eq!(v.stored_messages, 20_000);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
