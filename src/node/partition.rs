@@ -63,6 +63,21 @@ pub struct PartitionArgs {
     pub in_flight: Arc<Semaphore>,
     /// Who checkpoints the file's WAL (Litestream when it replicates the file).
     pub checkpointer: Checkpointer,
+    /// Held while the file is opened and while a batch commits. It outlives incarnations (the
+    /// group keeps it): a partition killed while its batch runs on a blocking thread (the thread
+    /// cannot be cancelled) would otherwise commit after its replacement read the applied
+    /// session, leaving the replacement with a stale one.
+    pub file_lock: FileLock,
+}
+
+/// See [`PartitionArgs::file_lock`].
+pub type FileLock = Arc<std::sync::Mutex<()>>;
+
+/// Takes `lock`; a poisoned lock only means an earlier holder panicked, and the file is guarded
+/// by SQLite's own transactions, so it is used as is.
+fn hold(lock: &FileLock) -> std::sync::MutexGuard<'_, ()> {
+    lock.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// State of a running partition actor.
@@ -75,6 +90,7 @@ pub struct PartitionState {
     batch_max: usize,
     in_flight: Arc<Semaphore>,
     totals: BatchOutcome,
+    file_lock: FileLock,
 }
 
 /// The actor; see the module docs.
@@ -96,9 +112,12 @@ impl Actor for PartitionActor {
             shard_id,
             shard_total,
             checkpointer,
+            file_lock,
             ..
         } = args;
+        let lock = file_lock.clone();
         let (store, session) = tokio::task::spawn_blocking(move || {
+            let _held = hold(&lock);
             let store = PartitionStore::open(&path, partition, checkpointer)?;
             let session = store.applied_session(shard_id, shard_total)?;
             Ok::<_, StoreError>((store, session))
@@ -115,6 +134,7 @@ impl Actor for PartitionActor {
             batch_max: args.batch_max,
             in_flight: args.in_flight,
             totals: BatchOutcome::default(),
+            file_lock,
         })
     }
 
@@ -160,7 +180,9 @@ impl PartitionState {
             .count();
         let mut store = self.store.take().expect("store is present between batches");
         let mut session = self.session.clone();
+        let lock = self.file_lock.clone();
         let (store, result, ops) = tokio::task::spawn_blocking(move || {
+            let _held = hold(&lock);
             let result = store.apply(&mut session, &ops).map(|o| (o, session));
             (store, result, ops)
         })

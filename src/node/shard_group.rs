@@ -14,7 +14,7 @@ use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, Super
 use tokio::sync::Semaphore;
 
 use super::NodeContext;
-use super::partition::{PartitionActor, PartitionArgs, PartitionMsg, PartitionStatus};
+use super::partition::{FileLock, PartitionActor, PartitionArgs, PartitionMsg, PartitionStatus};
 use super::restart::{Decision, RestartTracker};
 use super::shard::{FATAL_PREFIX, SessionSync, ShardActor, ShardArgs, ShardMsg, ShardStatus};
 use crate::ownership::PartitionId;
@@ -71,6 +71,8 @@ pub struct ShardGroupState {
     litestream: Option<ActorRef<LitestreamMsg>>,
     shard: Option<ActorRef<ShardMsg>>,
     partitions: Vec<ActorRef<PartitionMsg>>,
+    /// One per partition of the shard, kept across restarts (see [`PartitionArgs::file_lock`]).
+    file_locks: Vec<FileLock>,
     tracker: RestartTracker,
     generation: u64,
     restarts: u32,
@@ -91,7 +93,15 @@ impl Actor for ShardGroupActor {
         myself: ActorRef<Self::Msg>,
         args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
+        let file_locks = args
+            .ctx
+            .topology
+            .partitions_of_shard(args.shard_id)
+            .iter()
+            .map(|_| FileLock::default())
+            .collect();
         let mut state = ShardGroupState {
+            file_locks,
             shard_id: args.shard_id,
             tracker: RestartTracker::new(args.ctx.policy),
             ctx: args.ctx,
@@ -218,10 +228,18 @@ impl ShardGroupState {
         let partitions = self.ctx.topology.partitions_of_shard(self.shard_id);
         let checked = {
             let partitions = partitions.clone();
+            let locks = self.file_locks.clone();
             tokio::task::spawn_blocking(move || {
                 partitions
                     .into_iter()
-                    .map(|p| (p, file_health(&PartitionStore::path_in(&data_dir, p))))
+                    .zip(locks)
+                    .map(|(p, lock)| {
+                        // Waits out a batch a killed incarnation may still be committing.
+                        let _held = lock
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        (p, file_health(&PartitionStore::path_in(&data_dir, p)))
+                    })
                     .filter(|(_, health)| *health != FileHealth::Healthy)
                     .collect::<Vec<_>>()
             })
@@ -272,8 +290,13 @@ impl ShardGroupState {
         tokio::fs::create_dir_all(&dir)
             .await
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        for partition in topology.partitions_of_shard(self.shard_id) {
+        for (partition, file_lock) in topology
+            .partitions_of_shard(self.shard_id)
+            .into_iter()
+            .zip(self.file_locks.clone())
+        {
             let args = PartitionArgs {
+                file_lock,
                 partition,
                 path: PartitionStore::path_in(&storage.data_dir, partition),
                 shard_id: self.shard_id,
