@@ -37,6 +37,7 @@ async fn campaign(name: &str, extra_toml: String, kill: bool) {
         shards: 4,
         partitions: 64,
         extra_toml,
+        ..NodeSpec::default()
     };
     let first = NodeProcess::start(dir.path(), &sim, &spec).await;
     sim.wait_all_sent(Duration::from_secs(120)).await.unwrap();

@@ -223,6 +223,7 @@ async fn main() {
             s3::litestream().display(),
             config.replication.restore_parallelism
         ),
+        ..NodeSpec::default()
     };
     let t = Instant::now();
     let node = NodeProcess::start(&node_dir, &sim, &spec).await;

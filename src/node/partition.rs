@@ -169,7 +169,7 @@ impl Actor for PartitionActor {
 impl PartitionState {
     /// Commits the buffer in one transaction off the async threads; returns the permits of the
     /// dispatches it held to the shard. On error the actor fails and its group restarts.
-    async fn flush(&mut self) -> Result<(), StoreError> {
+    async fn flush(&mut self) -> Result<(), ActorProcessingErr> {
         if self.buffer.is_empty() {
             return Ok(());
         }
@@ -189,7 +189,8 @@ impl PartitionState {
         .await
         .expect("apply does not panic");
         self.store = Some(store);
-        let (outcome, session) = result?;
+        // The whole chain: the supervisor logs only this text ("… p0003: database is locked").
+        let (outcome, session) = result.map_err(|e| crate::error_chain(&e))?;
         self.session = session;
         self.totals.applied += outcome.applied;
         self.totals.duplicates += outcome.duplicates;

@@ -124,6 +124,10 @@ pub struct ShardStatus {
     pub resumes: u32,
     /// Fatal close code, if the shard stopped for one.
     pub fatal_close_code: Option<u16>,
+    /// The pump is waiting for its partitions to commit (`storage.max_in_flight` dispatches are
+    /// routed and uncommitted) and reads nothing from the socket meanwhile.
+    #[serde(default)]
+    pub backpressured: bool,
 }
 
 /// Start arguments.
@@ -182,6 +186,8 @@ struct Live {
     fatal: AtomicBool,
     fatal_code: AtomicU32,
     session_id: Mutex<Option<String>>,
+    /// The pump waits for the partitions (backpressure), not for the socket: not silence.
+    backpressured: AtomicBool,
 }
 
 impl Live {
@@ -259,6 +265,7 @@ impl Actor for ShardActor {
             fatal: AtomicBool::new(false),
             fatal_code: AtomicU32::new(0),
             session_id: Mutex::new(resume.as_ref().map(|s| s.session_id.clone())),
+            backpressured: AtomicBool::new(false),
         });
         let (control, control_rx) = mpsc::unbounded_channel();
         let pump = Pump {
@@ -326,7 +333,12 @@ impl Actor for ShardActor {
             }
             ShardMsg::Watchdog => {
                 let silent = state.live.silent_for();
-                if !state.live.fatal.load(Ordering::Relaxed) && silent > state.silence_timeout {
+                // A pump held back by slow partitions reads nothing by design; restarting the
+                // group would not make the disk faster.
+                if !state.live.fatal.load(Ordering::Relaxed)
+                    && !state.live.backpressured.load(Ordering::Relaxed)
+                    && silent > state.silence_timeout
+                {
                     return Err(format!(
                         "shard {} silent for {}s (no frame, no heartbeat ACK); restarting",
                         state.shard_id,
@@ -369,6 +381,7 @@ impl ShardActorState {
             resumes: self.live.resumes.load(Ordering::Relaxed),
             fatal_close_code: fatal
                 .then(|| u16::try_from(self.live.fatal_code.load(Ordering::Relaxed)).unwrap_or(0)),
+            backpressured: self.live.backpressured.load(Ordering::Relaxed),
         }
     }
 }
@@ -532,9 +545,21 @@ impl Pump {
         let (index, event) = target;
         // Bound what is routed but not committed: waiting here stops reading the socket, which
         // pushes back on the sender through TCP instead of growing mailboxes without limit.
-        match self.in_flight.acquire().await {
+        let permit = match self.in_flight.try_acquire() {
+            Ok(permit) => Ok(permit),
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                self.live.backpressured.store(true, Ordering::Relaxed);
+                let permit = self.in_flight.acquire().await;
+                self.live.backpressured.store(false, Ordering::Relaxed);
+                // The silence clock restarts: the socket was not read while waiting.
+                self.live.touch();
+                permit.map_err(|_| ())
+            }
+            Err(tokio::sync::TryAcquireError::Closed) => Err(()),
+        };
+        match permit {
             Ok(permit) => permit.forget(),
-            Err(_) => return, // closed only when the group is going away
+            Err(()) => return, // closed only when the group is going away
         }
         self.send(
             &self.partitions[index],

@@ -24,6 +24,10 @@ use crate::store::{AppliedSession, PartitionStore};
 
 /// Bound on one child's answer to a status or drain request.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on a child's status answer: a partition busy with a long commit (a lock held by another
+/// connection, a slow disk) answers only after it, and `/readyz` must not wait that long. A
+/// partition that does not answer in time is left out of that report.
+const STATUS_CALL_TIMEOUT: Duration = Duration::from_secs(1);
 /// Bound on a child's stop before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -416,13 +420,15 @@ impl ShardGroupState {
             (self.shard_id, self.fatal_close_code, self.restarts);
         async move {
             let shard_status = match &shard {
-                Some(s) => super::call(s, ShardMsg::Status, CALL_TIMEOUT).await.ok(),
+                Some(s) => super::call(s, ShardMsg::Status, STATUS_CALL_TIMEOUT)
+                    .await
+                    .ok(),
                 None => None,
             };
             let partitions = join_all(
                 partitions
                     .iter()
-                    .map(|p| super::call(p, PartitionMsg::Status, CALL_TIMEOUT)),
+                    .map(|p| super::call(p, PartitionMsg::Status, STATUS_CALL_TIMEOUT)),
             )
             .await
             .into_iter()

@@ -303,6 +303,7 @@ async fn lost_disk_campaign(
         shards: SHARDS,
         partitions: PARTITIONS,
         extra_toml: s3::replication_toml(&bucket, s3::endpoint(), 60),
+        ..NodeSpec::default()
     };
     let data_dir = dir.path().join("data");
     // Per lost disk: what the local files would have resumed from (for the report).

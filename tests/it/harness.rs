@@ -61,6 +61,8 @@ pub struct NodeSpec {
     pub partitions: u32,
     /// More TOML sections appended to the config (e.g. `[replication]`).
     pub extra_toml: String,
+    /// More keys of the `[storage]` table, which the harness writes itself (`data_dir`).
+    pub storage_toml: String,
 }
 
 /// A running `shardlite run`.
@@ -81,12 +83,13 @@ impl NodeProcess {
             &config,
             format!(
                 "[discord]\ngateway_url = \"{}\"\napi_url = \"{}\"\nshards = {}\n\
-                 [cluster]\npartitions = {}\n[storage]\ndata_dir = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n{}",
+                 [cluster]\npartitions = {}\n[storage]\ndata_dir = \"{}\"\n{}[http]\nlisten = \"127.0.0.1:0\"\n{}",
                 sim.gateway_url(),
                 sim.api_url(),
                 spec.shards,
                 spec.partitions,
                 data_dir.display(),
+                spec.storage_toml,
                 spec.extra_toml
             ),
         )

@@ -32,6 +32,7 @@ fn spec(bucket: &str) -> NodeSpec {
         shards: SHARDS,
         partitions: PARTITIONS,
         extra_toml: s3::replication_toml(bucket, s3::endpoint(), 60),
+        ..NodeSpec::default()
     }
 }
 

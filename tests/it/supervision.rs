@@ -37,6 +37,7 @@ async fn a_failing_partition_restarts_its_group_which_resumes_exactly() {
         shards: 2,
         partitions: 8,
         extra_toml: "[supervision]\nmax_restarts = 50\n".into(),
+        ..NodeSpec::default()
     };
     let node = NodeProcess::start(dir.path(), &sim, &spec).await;
     wait_for("some progress", Duration::from_secs(30), async || {
@@ -114,6 +115,7 @@ async fn a_partition_file_lost_while_running_is_restored_at_the_group_restart() 
             "{}[supervision]\nmax_restarts = 50\nbackoff_initial_ms = 3000\nbackoff_max_ms = 6000\n",
             s3::replication_toml(&bucket, s3::endpoint(), 60)
         ),
+        ..NodeSpec::default()
     };
     let node = NodeProcess::start(dir.path(), &sim, &spec).await;
     wait_for(
@@ -201,6 +203,7 @@ async fn the_watchdog_restarts_a_silent_shard_that_twilight_still_trusts() {
         shards: 1,
         partitions: 4,
         extra_toml: "[supervision]\nshard_silence_timeout_secs = 1\n".into(),
+        ..NodeSpec::default()
     };
     let node = NodeProcess::start(dir.path(), &sim, &spec).await;
     wait_for("some progress", Duration::from_secs(30), async || {
@@ -235,4 +238,63 @@ async fn the_watchdog_restarts_a_silent_shard_that_twilight_still_trusts() {
     );
     let v = verify(&data_dir, Topology::new(1, 4, 1).unwrap(), &sim.expected()).unwrap();
     assert!(v.is_exact(), "{v:?}");
+}
+
+/// A shard held back by a slow partition is not a silent shard: another connection holds p0000's
+/// write lock for longer than `shard_silence_timeout_secs`, the pump stops reading once
+/// `storage.max_in_flight` dispatches wait, and the watchdog leaves the group alone; when the
+/// lock goes, ingest goes on, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backpressured_shard_is_not_taken_for_a_silent_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Simulator::start(SimConfig {
+        guilds: 20,
+        shards: 1,
+        messages: 20_000,
+        rate: Some(4_000),
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let spec = NodeSpec {
+        shards: 1,
+        partitions: 2,
+        storage_toml: "batch_max = 100\nmax_in_flight = 200\n".into(),
+        extra_toml: "[supervision]\nshard_silence_timeout_secs = 1\n".into(),
+    };
+    let node = NodeProcess::start(dir.path(), &sim, &spec).await;
+    wait_for("some progress", Duration::from_secs(30), async || {
+        (sim.status().messages_sent > 2_000).then_some(())
+    })
+    .await;
+    let db = node.data_dir.join("partitions/p0000.sqlite3");
+    let blocker = rusqlite::Connection::open(&db).unwrap();
+    blocker.busy_timeout(Duration::from_secs(5)).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    wait_for(
+        "shard 0 backpressured",
+        Duration::from_secs(10),
+        async || {
+            let status = node.status().await?;
+            let shard = status.groups.first()?.shard_status.as_ref()?;
+            shard.backpressured.then_some(())
+        },
+    )
+    .await;
+    // The fault itself: the lock stays for 2.5 s, past the 1 s silence timeout and within the
+    // node's 5 s busy timeout.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    blocker.execute_batch("ROLLBACK").unwrap();
+    drop(blocker);
+    sim.wait_all_sent(Duration::from_secs(60)).await.unwrap();
+    node.wait_caught_up(&sim, Duration::from_secs(60)).await;
+    let status = node.status().await.unwrap();
+    let stderr = node.stderr_text();
+    assert_eq!(status.groups[0].restarts, 0, "{stderr}");
+    let data_dir = node.data_dir.clone();
+    assert!(node.stop().await.success());
+    assert!(!stderr.contains("silent for"), "{stderr}");
+    let v = verify(&data_dir, Topology::new(1, 2, 1).unwrap(), &sim.expected()).unwrap();
+    assert!(v.is_exact(), "{v:?}");
+    assert_eq!(v.stored_messages, 20_000);
 }
