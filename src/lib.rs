@@ -33,6 +33,8 @@
 //! - **partition**: `guild_key % partitions`; one SQLite file; lies on shard `partition % shards`.
 //! - **applied sequence**: the highest seq whose effects a partition has committed (DESIGN §5).
 //! - **watermark**: a shard's "everything up to seq N has been routed" message to its partitions.
+//! - **dead letter**: a delivered dispatch that could not be applied (unknown event type,
+//!   undecodable payload), kept as received in its partition's `dead_letters` table.
 //! - **pod / ordinal**: one shardlite process / its index among `pods`.
 //! - **replica / restore**: a partition's copy in object storage (Litestream) / bringing it back.
 //! - **lease / epoch**: the right to write a partition, and its generation number (DESIGN §7).

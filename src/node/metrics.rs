@@ -8,7 +8,8 @@
 //! | `shardlite_identifies_total` | counter | shard | sessions started (READY) |
 //! | `shardlite_resumes_total` | counter | shard | sessions resumed (RESUMED) |
 //! | `shardlite_reconnects_total` | counter | shard | gateway connections closed under the shard (it reconnects) |
-//! | `shardlite_malformed_frames_total` | counter | shard | frames or dispatches that could not be decoded and were skipped |
+//! | `shardlite_malformed_frames_total` | counter | shard | frames or dispatches that could not be decoded |
+//! | `shardlite_dead_letters_total` | counter | shard | dispatches kept as received in `dead_letters` (unknown event type or undecodable payload) |
 //! | `shardlite_dispatches_applied_total` | counter | partition | dispatches committed (stored or ignored by kind) |
 //! | `shardlite_group_restarts_total` | counter | shard | shard group restarts after a failure |
 //! | `shardlite_shard_last_seq` | gauge | shard | highest sequence routed |
@@ -26,8 +27,10 @@ pub const IDENTIFIES: &str = "shardlite_identifies_total";
 pub const RESUMES: &str = "shardlite_resumes_total";
 /// Counter: gateway connections closed under a shard.
 pub const RECONNECTS: &str = "shardlite_reconnects_total";
-/// Counter: undecodable frames or dispatches skipped.
+/// Counter: undecodable frames or dispatches.
 pub const MALFORMED: &str = "shardlite_malformed_frames_total";
+/// Counter: dispatches routed to a partition as dead letters.
+pub const DEAD_LETTERS: &str = "shardlite_dead_letters_total";
 /// Counter: dispatches committed by a partition.
 pub const DISPATCHES_APPLIED: &str = "shardlite_dispatches_applied_total";
 /// Counter: shard group restarts.

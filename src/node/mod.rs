@@ -9,6 +9,7 @@
 //! Every supervisor uses [`restart::RestartTracker`]; none relies on ractor's default, which stops
 //! the parent on any child exit.
 
+pub mod dead_letter;
 pub mod discord;
 pub mod identify_queue;
 pub mod metrics;

@@ -176,7 +176,7 @@ impl PartitionState {
         let ops = std::mem::take(&mut self.buffer);
         let dispatches = ops
             .iter()
-            .filter(|op| matches!(op, Op::Dispatch { .. }))
+            .filter(|op| matches!(op, Op::Dispatch { .. } | Op::DeadLetter(_)))
             .count();
         let mut store = self.store.take().expect("store is present between batches");
         let mut session = self.session.clone();

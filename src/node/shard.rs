@@ -279,6 +279,7 @@ impl Actor for ShardActor {
             last_close_code: None,
             session_id: resume.as_ref().map(|s| s.session_id.clone()),
             session_sync,
+            unknown_kinds: std::collections::HashSet::new(),
         };
         let handle = tokio::spawn(pump.run(myself.clone(), control_rx, watermark_interval));
         let abort = handle.abort_handle();
@@ -401,6 +402,8 @@ struct Pump {
     session_id: Option<String>,
     /// Replica sync after each session start, when Litestream runs as our child.
     session_sync: Option<SessionSync>,
+    /// Event types already reported as unknown (logged once each).
+    unknown_kinds: std::collections::HashSet<String>,
 }
 
 impl Pump {
@@ -494,7 +497,13 @@ impl Pump {
     }
 
     async fn on_text(&mut self, text: String) {
-        let parsed = twilight_gateway::parse(text, EventTypeFlags::all());
+        // An event type twilight does not know parses to nothing; keep its frame instead.
+        let unknown = super::dead_letter::unknown_event(&text);
+        let parsed = if unknown.is_some() {
+            Ok(None)
+        } else {
+            twilight_gateway::parse(text, EventTypeFlags::all())
+        };
         // twilight has already tracked this frame's sequence and session, whatever its payload.
         if let Some(session) = self.shard.session() {
             self.live
@@ -518,18 +527,37 @@ impl Pump {
         }
         let (seq, event) = match parsed {
             Ok(Some(GatewayEvent::Dispatch(seq, event))) => (seq, event),
-            Ok(_) => return, // gateway ops twilight handles, or an event type we do not decode
-            Err(e) => {
-                let frame = match e.kind() {
-                    ReceiveMessageErrorType::Deserializing { event } => {
-                        truncate(event, LOGGED_FRAME_BYTES).to_owned()
+            Ok(_) => {
+                // Gateway ops twilight handles itself, or a dispatch of an unknown event type.
+                if let Some(letter) = unknown {
+                    if self.unknown_kinds.insert(letter.kind.clone()) {
+                        tracing::info!(shard = self.shard_id, kind = %letter.kind,
+                            "dispatches of an event type twilight does not know are kept as dead letters");
                     }
-                    _ => String::new(),
-                };
+                    self.dead_letter(letter).await;
+                }
+                return;
+            }
+            Err(e) => {
                 metrics::counter!(metric::MALFORMED, "shard" => self.shard_id.to_string())
                     .increment(1);
-                tracing::warn!(shard = self.shard_id, error = %e, source = ?std::error::Error::source(&e),
-                    %frame, "malformed dispatch skipped");
+                let error = crate::error_chain(&e);
+                let (frame, letter) = match e.kind() {
+                    ReceiveMessageErrorType::Deserializing { event } => (
+                        truncate(event, LOGGED_FRAME_BYTES).to_owned(),
+                        super::dead_letter::undecodable(event, error.clone()),
+                    ),
+                    _ => (String::new(), None),
+                };
+                match letter {
+                    Some(letter) => {
+                        tracing::warn!(shard = self.shard_id, seq = letter.seq, kind = %letter.kind,
+                            %error, %frame, "malformed dispatch kept as a dead letter");
+                        self.dead_letter(letter).await;
+                    }
+                    None => tracing::warn!(shard = self.shard_id, %error, %frame,
+                        "malformed dispatch skipped (no sequence to keep it by)"),
+                }
                 return;
             }
         };
@@ -543,8 +571,43 @@ impl Pump {
             return;
         };
         let (index, event) = target;
-        // Bound what is routed but not committed: waiting here stops reading the socket, which
-        // pushes back on the sender through TCP instead of growing mailboxes without limit.
+        if !self.acquire_in_flight().await {
+            return; // closed only when the group is going away
+        }
+        self.send(
+            &self.partitions[index],
+            Op::Dispatch {
+                seq,
+                event: Box::new(event),
+            },
+        );
+    }
+
+    /// Routes a dead letter like a dispatch: to its guild's partition, or the shard's home
+    /// partition when it names no guild (or one of another shard, which a partition of ours must
+    /// not hold — its sequence still has to advance here).
+    async fn dead_letter(&mut self, letter: crate::store::DeadLetter) {
+        let home = self.topology.home_partition(self.shard_id);
+        let partition = letter
+            .guild_id
+            .map(|g| self.topology.partition_of_guild(g))
+            .filter(|p| self.topology.shard_of_partition(*p) == self.shard_id)
+            .unwrap_or(home);
+        let Ok(index) = usize::try_from(partition.0 / self.topology.shards()) else {
+            return;
+        };
+        if !self.acquire_in_flight().await {
+            return;
+        }
+        metrics::counter!(metric::DEAD_LETTERS, "shard" => self.shard_id.to_string()).increment(1);
+        self.send(&self.partitions[index], Op::DeadLetter(Box::new(letter)));
+    }
+
+    /// Takes one in-flight permit (returned when the partition commits the op); false when the
+    /// budget is closed (the group is going away). Bounds what is routed but not committed:
+    /// waiting here stops reading the socket, which pushes back on the sender through TCP instead
+    /// of growing mailboxes without limit.
+    async fn acquire_in_flight(&mut self) -> bool {
         let permit = match self.in_flight.try_acquire() {
             Ok(permit) => Ok(permit),
             Err(tokio::sync::TryAcquireError::NoPermits) => {
@@ -558,16 +621,12 @@ impl Pump {
             Err(tokio::sync::TryAcquireError::Closed) => Err(()),
         };
         match permit {
-            Ok(permit) => permit.forget(),
-            Err(()) => return, // closed only when the group is going away
+            Ok(permit) => {
+                permit.forget();
+                true
+            }
+            Err(()) => false,
         }
-        self.send(
-            &self.partitions[index],
-            Op::Dispatch {
-                seq,
-                event: Box::new(event),
-            },
-        );
     }
 
     /// Tells every partition that a new session started (its sequences restart at 1), then waits

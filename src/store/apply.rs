@@ -122,6 +122,32 @@ pub(super) fn session_started(tx: &Connection, guilds: Option<&[u64]>) -> rusqli
     Ok(())
 }
 
+/// Keeps a dispatch that could not be applied, as received; a second delivery of the same
+/// `(session, seq)` changes nothing.
+pub(super) fn dead_letter(
+    tx: &Connection,
+    session_id: &str,
+    letter: &super::DeadLetter,
+) -> rusqlite::Result<()> {
+    let received_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    tx.prepare_cached(
+        "INSERT INTO dead_letters (session_id, seq, kind, guild_id, payload, error, received_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (session_id, seq) DO NOTHING",
+    )?
+    .execute(params![
+        session_id,
+        letter.seq as i64,
+        letter.kind,
+        letter.guild_id.map(|g| g as i64),
+        letter.payload,
+        letter.error,
+        received_ms
+    ])?;
+    Ok(())
+}
+
 /// Inserts the message if its id is new and counts it once in `message_stats`; returns whether it
 /// was new. A redelivery (same id, any seq or session) changes nothing.
 fn message_create(tx: &Connection, m: &Message) -> rusqlite::Result<bool> {

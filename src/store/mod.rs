@@ -110,6 +110,24 @@ pub enum Op {
     /// The shard has routed everything up to this sequence: no dispatch `<= seq` for this
     /// partition is still on its way, so `applied_seq` may advance even in a quiet partition.
     Watermark(u64),
+    /// A dispatch that cannot be applied (unknown event type, undecodable payload), kept as
+    /// received in `dead_letters`; it advances `applied_seq` like any dispatch.
+    DeadLetter(Box<DeadLetter>),
+}
+
+/// A delivered dispatch that could not be decoded, as [`Op::DeadLetter`] carries it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// Discord's `s` for this dispatch, within the current session.
+    pub seq: u64,
+    /// Discord's `t` (event type name).
+    pub kind: String,
+    /// `d.guild_id`, when the payload has one.
+    pub guild_id: Option<u64>,
+    /// The whole gateway frame as received (JSON text).
+    pub payload: String,
+    /// Why it was not applied (the decoder's error, or "unknown event type").
+    pub error: String,
 }
 
 /// What one [`PartitionStore::apply`] did.
@@ -125,6 +143,8 @@ pub struct BatchOutcome {
     pub unsessioned: u64,
     /// MESSAGE_CREATEs that produced a new row (and so counted in `message_stats`).
     pub new_messages: u64,
+    /// Dispatches kept in `dead_letters` (not duplicates).
+    pub dead_letters: u64,
 }
 
 /// Errors of the partition store. Variants name the operation that failed.
@@ -370,6 +390,21 @@ impl PartitionStore {
                         apply::Applied::Ignored => outcome.ignored += 1,
                     }
                     current.applied_seq = *seq;
+                    session_dirty = true;
+                }
+                Op::DeadLetter(letter) => {
+                    let Some(current) = next.as_mut() else {
+                        outcome.unsessioned += 1;
+                        tracing::warn!(%partition, seq = letter.seq, "dispatch before any session start; dropped");
+                        continue;
+                    };
+                    if letter.seq <= current.applied_seq {
+                        outcome.duplicates += 1;
+                        continue;
+                    }
+                    apply::dead_letter(&tx, &current.session_id, letter).map_err(err)?;
+                    outcome.dead_letters += 1;
+                    current.applied_seq = letter.seq;
                     session_dirty = true;
                 }
                 Op::Watermark(seq) => {

@@ -26,6 +26,9 @@ pub struct TableCounts {
     /// Sum of `message_stats.messages`: equals `messages` of guild channels when every message was
     /// counted exactly once.
     pub message_stats_total: u64,
+    /// Rows of `dead_letters`: delivered dispatches that could not be applied.
+    #[serde(default)]
+    pub dead_letters: u64,
 }
 
 impl std::ops::AddAssign for TableCounts {
@@ -39,6 +42,7 @@ impl std::ops::AddAssign for TableCounts {
         self.messages_deleted += o.messages_deleted;
         self.message_stats_rows += o.message_stats_rows;
         self.message_stats_total += o.message_stats_total;
+        self.dead_letters += o.dead_letters;
     }
 }
 
@@ -78,7 +82,8 @@ impl PartitionStore {
                         (SELECT count(*) FROM members), (SELECT count(*) FROM messages),
                         (SELECT count(*) FROM messages WHERE deleted = 1),
                         (SELECT count(*) FROM message_stats),
-                        (SELECT coalesce(sum(messages), 0) FROM message_stats)",
+                        (SELECT coalesce(sum(messages), 0) FROM message_stats),
+                        (SELECT count(*) FROM dead_letters)",
                 [],
                 |r| {
                     let n = |i| r.get::<_, i64>(i).map(|v| v as u64);
@@ -92,6 +97,7 @@ impl PartitionStore {
                         messages_deleted: n(6)?,
                         message_stats_rows: n(7)?,
                         message_stats_total: n(8)?,
+                        dead_letters: n(9)?,
                     })
                 },
             )

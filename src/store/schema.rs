@@ -13,9 +13,10 @@ struct Migration {
 }
 
 /// Every migration, in order. `version` must be `index + 1`.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    sql: r"
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        sql: r"
         -- The Discord entity cache. Ids are Discord snowflakes stored as INTEGER (they fit in i64).
         CREATE TABLE guilds (
             id           INTEGER PRIMARY KEY,
@@ -95,7 +96,27 @@ const MIGRATIONS: &[Migration] = &[Migration {
             applied_seq INTEGER NOT NULL
         );
     ",
-}];
+    },
+    Migration {
+        version: 2,
+        sql: r"
+        -- Dispatches that were delivered but could not be applied: an event type twilight-model
+        -- does not know (Discord adds events), or a payload it cannot decode. Kept as received,
+        -- in the same transaction that advances applied_seq past them, so nothing the gateway
+        -- delivered is lost and a replay does not store them twice.
+        CREATE TABLE dead_letters (
+            session_id  TEXT    NOT NULL,
+            seq         INTEGER NOT NULL,
+            kind        TEXT    NOT NULL,  -- the dispatch's `t`
+            guild_id    INTEGER,           -- `d.guild_id`, when the payload has one
+            payload     TEXT    NOT NULL,  -- the whole gateway frame, as received
+            error       TEXT    NOT NULL,  -- why it was not applied
+            received_ms INTEGER NOT NULL,  -- Unix time, milliseconds
+            PRIMARY KEY (session_id, seq)
+        ) WITHOUT ROWID;
+    ",
+    },
+];
 
 /// The schema version this build writes: the last migration's.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS[MIGRATIONS.len() - 1].version;

@@ -276,3 +276,28 @@ fn with_sqlite_checkpointing_close_moves_the_wal_into_the_file() {
     assert!(!dir.path().join("p0000.sqlite3-wal").exists());
     assert!(std::fs::metadata(&path).unwrap().len() > 1_500 * 4096);
 }
+
+#[test]
+fn a_dead_letter_is_kept_once_and_advances_the_applied_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(&dir);
+    let mut s = None;
+    let letter = |seq| {
+        Op::DeadLetter(Box::new(DeadLetter {
+            seq,
+            kind: "SOME_NEW_EVENT".into(),
+            guild_id: Some(GUILD),
+            payload: r#"{"op":0,"s":2,"t":"SOME_NEW_EVENT","d":{}}"#.into(),
+            error: "unknown event type".into(),
+        }))
+    };
+    let out = store
+        .apply(&mut s, &[session("a"), create(1, 10), letter(2)])
+        .unwrap();
+    assert_eq!((out.applied, out.dead_letters), (1, 1));
+    assert_eq!(s.as_ref().unwrap().applied_seq, 2);
+    // A resume replay of seq 2 is a duplicate, not a second row.
+    let out = store.apply(&mut s, &[letter(2), create(3, 11)]).unwrap();
+    assert_eq!((out.duplicates, out.dead_letters), (1, 0));
+    assert_eq!(store.counts().unwrap().dead_letters, 1);
+}

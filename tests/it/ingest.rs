@@ -58,7 +58,7 @@ async fn run_stores_every_message_exactly_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_dispatches_are_skipped_and_everything_else_is_stored() {
+async fn malformed_dispatches_are_kept_as_dead_letters_and_everything_else_is_stored() {
     let dir = tempfile::tempdir().unwrap();
     let sim = Simulator::start(SimConfig {
         guilds: 100,
@@ -92,6 +92,9 @@ async fn malformed_dispatches_are_skipped_and_everything_else_is_stored() {
         for line in [
             format!("shardlite_identifies_total{{shard=\"{shard}\"}} 1"),
             format!("shardlite_malformed_frames_total{{shard=\"{shard}\"}} 2"),
+            // The unknown event type and the undecodable GUILD_MEMBER_ADD; the broken JSON has no
+            // sequence to keep it by.
+            format!("shardlite_dead_letters_total{{shard=\"{shard}\"}} 2"),
             format!("shardlite_shard_up{{shard=\"{shard}\"}} 1"),
         ] {
             assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
@@ -112,6 +115,40 @@ async fn malformed_dispatches_are_skipped_and_everything_else_is_stored() {
     let v = verify(&data_dir, Topology::new(2, 8, 1).unwrap(), &sim.expected()).unwrap();
     assert!(v.is_exact(), "{v:?}");
     assert_eq!(v.stored_messages, 4_000);
+    // Nothing delivered with a sequence was lost: both bad dispatches of each shard are kept as
+    // received, with why they were not applied.
+    assert_eq!(v.totals.dead_letters, 2 * 2, "{v:?}");
+    let mut letters = Vec::new();
+    for p in 0..8 {
+        let conn = rusqlite::Connection::open(data_dir.join(format!("partitions/p{p:04}.sqlite3")))
+            .unwrap();
+        let mut st = conn
+            .prepare("SELECT kind, error, payload FROM dead_letters")
+            .unwrap();
+        let rows = st
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })
+            .unwrap();
+        letters.extend(rows.map(Result::unwrap));
+    }
+    letters.sort();
+    let kinds: Vec<&str> = letters.iter().map(|(k, _, _)| k.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "GUILD_MEMBER_ADD",
+            "GUILD_MEMBER_ADD",
+            "SHARDLITE_UNKNOWN_EVENT",
+            "SHARDLITE_UNKNOWN_EVENT"
+        ]
+    );
+    assert!(letters[0].1.contains("guild_id"), "{letters:?}");
+    assert!(letters[3].2.starts_with(r#"{"op":0"#), "{letters:?}");
     // Each kind of bad input was noticed and named in the log, once per shard.
     assert_eq!(
         stderr_before_stop
@@ -122,7 +159,7 @@ async fn malformed_dispatches_are_skipped_and_everything_else_is_stored() {
     );
     assert_eq!(
         stderr_before_stop
-            .matches("malformed dispatch skipped")
+            .matches("malformed dispatch kept as a dead letter")
             .count(),
         2,
         "{stderr_before_stop}"
