@@ -66,6 +66,14 @@ pub enum ReplicationError {
         /// Why, in words.
         reason: String,
     },
+    /// A local file could not be checked, so it is neither kept nor replaced.
+    #[error("cannot check partition file {path}: {reason}")]
+    Unreadable {
+        /// The file involved.
+        path: PathBuf,
+        /// The error SQLite gave.
+        reason: String,
+    },
     /// A bad local file could not be moved aside.
     #[error("cannot move {path} aside")]
     MoveAside {
