@@ -50,7 +50,7 @@ pub fn record_status(status: &NodeStatus) {
             .set(f64::from(u8::from(up)));
         metrics::gauge!("shardlite_shard_fatal_close_code", "shard" => shard)
             .set(f64::from(g.fatal_close_code.unwrap_or(0)));
-        for p in &g.partitions {
+        for p in g.partitions.iter().filter(|p| !p.busy) {
             let applied = p.session.as_ref().map_or(0, |s| s.applied_seq);
             let partition = p.partition.to_string();
             metrics::gauge!("shardlite_partition_applied_seq", "partition" => partition.clone())

@@ -43,6 +43,24 @@ pub struct PartitionStatus {
     pub dispatches_applied: u64,
     /// Dispatches skipped as already applied (resume replays).
     pub duplicates_skipped: u64,
+    /// The partition did not answer within the status bound (a commit is taking long: a lock
+    /// held by another connection, a slow disk); the other fields are then unknown and zero.
+    #[serde(default)]
+    pub busy: bool,
+}
+
+impl PartitionStatus {
+    /// The report of a partition that did not answer in time.
+    pub fn busy(partition: PartitionId) -> Self {
+        Self {
+            partition,
+            session: None,
+            buffered: 0,
+            dispatches_applied: 0,
+            duplicates_skipped: 0,
+            busy: true,
+        }
+    }
 }
 
 /// Start arguments.
@@ -66,7 +84,9 @@ pub struct PartitionArgs {
     /// Held while the file is opened and while a batch commits. It outlives incarnations (the
     /// group keeps it): a partition killed while its batch runs on a blocking thread (the thread
     /// cannot be cancelled) would otherwise commit after its replacement read the applied
-    /// session, leaving the replacement with a stale one.
+    /// session, leaving the replacement with a stale one. The killed incarnation's connection
+    /// closes just after its batch, unlocked; that close writes nothing (WAL mode, and no
+    /// checkpoint on close under Litestream).
     pub file_lock: FileLock,
 }
 
@@ -216,6 +236,7 @@ impl PartitionState {
             buffered: self.buffer.len(),
             dispatches_applied: self.totals.applied + self.totals.ignored,
             duplicates_skipped: self.totals.duplicates,
+            busy: false,
         }
     }
 }

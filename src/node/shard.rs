@@ -171,6 +171,9 @@ pub struct SessionSync {
     pub files: Vec<std::path::PathBuf>,
 }
 
+/// How many silence timeouts a shard may wait on backpressure before the watchdog restarts it.
+const BACKPRESSURE_SILENCE_FACTOR: u32 = 10;
+
 /// Bound on the session-start sync: past it the shard goes on (the data is committed locally) and
 /// logs that the session is not yet on the replica.
 const SESSION_SYNC_TIMEOUT: Duration = Duration::from_secs(10);
@@ -334,14 +337,23 @@ impl Actor for ShardActor {
             }
             ShardMsg::Watchdog => {
                 let silent = state.live.silent_for();
-                // A pump held back by slow partitions reads nothing by design; restarting the
-                // group would not make the disk faster.
-                if !state.live.fatal.load(Ordering::Relaxed)
-                    && !state.live.backpressured.load(Ordering::Relaxed)
-                    && silent > state.silence_timeout
-                {
+                // A pump held back by slow partitions reads nothing by design, and restarting
+                // the group would not make the disk faster; only a commit that never finishes
+                // (a hung disk) is worth a restart, and that is judged on a longer bound.
+                let backpressured = state.live.backpressured.load(Ordering::Relaxed);
+                let limit = if backpressured {
+                    state.silence_timeout * BACKPRESSURE_SILENCE_FACTOR
+                } else {
+                    state.silence_timeout
+                };
+                if !state.live.fatal.load(Ordering::Relaxed) && silent > limit {
+                    let why = if backpressured {
+                        "held back by partitions whose commits do not finish"
+                    } else {
+                        "no frame, no heartbeat ACK"
+                    };
                     return Err(format!(
-                        "shard {} silent for {}s (no frame, no heartbeat ACK); restarting",
+                        "shard {} silent for {}s ({why}); restarting",
                         state.shard_id,
                         silent.as_secs()
                     )
@@ -662,6 +674,23 @@ impl Pump {
                 list.push(g.id.get());
             }
         }
+        // Waiting for the partitions and the replica, not for the socket.
+        self.live.backpressured.store(true, Ordering::Relaxed);
+        self.commit_session_start(session_id, resume_url, per_partition)
+            .await;
+        self.live.backpressured.store(false, Ordering::Relaxed);
+        self.live.touch();
+    }
+
+    /// The second half of [`Self::start_session`]: every partition commits the session start,
+    /// then (with [`SessionSync`]) the replica confirms it.
+    async fn commit_session_start(
+        &mut self,
+        session_id: String,
+        resume_url: String,
+        per_partition: Vec<Option<Vec<u64>>>,
+    ) {
+        let shards = self.topology.shards();
         for (partition, guilds) in self.partitions.iter().zip(per_partition) {
             let start = SessionStart {
                 shard_id: self.shard_id,

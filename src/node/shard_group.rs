@@ -26,7 +26,7 @@ use crate::store::{AppliedSession, PartitionStore};
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on a child's status answer: a partition busy with a long commit (a lock held by another
 /// connection, a slow disk) answers only after it, and `/readyz` must not wait that long. A
-/// partition that does not answer in time is left out of that report.
+/// partition that does not answer in time is reported as busy.
 const STATUS_CALL_TIMEOUT: Duration = Duration::from_secs(1);
 /// Bound on a child's stop before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -230,6 +230,7 @@ impl ShardGroupState {
     async fn repair_files(&self) -> Result<(), ActorProcessingErr> {
         let data_dir = self.ctx.config.storage.data_dir.clone();
         let partitions = self.ctx.topology.partitions_of_shard(self.shard_id);
+        let replicated = self.ctx.config.replication.mode != crate::config::ReplicationMode::Off;
         let checked = {
             let partitions = partitions.clone();
             let locks = self.file_locks.clone();
@@ -244,7 +245,12 @@ impl ShardGroupState {
                             .unwrap_or_else(std::sync::PoisonError::into_inner);
                         (p, file_health(&PartitionStore::path_in(&data_dir, p)))
                     })
-                    .filter(|(_, health)| *health != FileHealth::Healthy)
+                    // Without replication an empty file holds nothing to lose: reopening it
+                    // creates the schema (e.g. after a full disk left it at 0 bytes).
+                    .filter(|(_, health)| {
+                        *health != FileHealth::Healthy
+                            && (replicated || *health != FileHealth::Empty)
+                    })
                     .collect::<Vec<_>>()
             })
             .await?
@@ -269,8 +275,14 @@ impl ShardGroupState {
         tracing::warn!(shard = self.shard_id, files = %listed,
             "partition files unusable at group restart; restoring them from the replica");
         let bad: Vec<PartitionId> = checked.into_iter().map(|(p, _)| p).collect();
-        let timeout =
-            Duration::from_secs(self.ctx.config.replication.restore_timeout_secs) + STOP_BOUND;
+        // Restores run `restore_parallelism` at a time, each bounded by `restore_timeout_secs`,
+        // after the child's stop.
+        let rounds = bad
+            .len()
+            .div_ceil(self.ctx.config.replication.restore_parallelism.max(1));
+        let timeout = Duration::from_secs(self.ctx.config.replication.restore_timeout_secs)
+            * u32::try_from(rounds).unwrap_or(u32::MAX)
+            + STOP_BOUND;
         let outcomes = super::call(litestream, |r| LitestreamMsg::Restore(bad, r), timeout)
             .await
             .map_err(|e| crate::error_chain(&e))??;
@@ -416,6 +428,7 @@ impl ShardGroupState {
     fn status(&self) -> impl Future<Output = GroupStatus> + Send + 'static {
         let shard = self.shard.clone();
         let partitions = self.partitions.clone();
+        let ids = self.ctx.topology.partitions_of_shard(self.shard_id);
         let (shard_id, fatal_close_code, restarts) =
             (self.shard_id, self.fatal_close_code, self.restarts);
         async move {
@@ -432,7 +445,8 @@ impl ShardGroupState {
             )
             .await
             .into_iter()
-            .filter_map(Result::ok)
+            .zip(ids)
+            .map(|(status, id)| status.unwrap_or_else(|_| PartitionStatus::busy(id)))
             .collect();
             GroupStatus {
                 shard: shard_id,

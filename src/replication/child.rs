@@ -173,10 +173,18 @@ impl Actor for LitestreamActor {
                 let _ = reply.send(result);
             }
             LitestreamMsg::Restore(partitions, reply) => {
+                if state.stopping {
+                    // The node is shutting down: no file changes and no new child now.
+                    let _ = reply.send(Err("litestream is stopping; no restore".into()));
+                    return Ok(());
+                }
+                if reply.is_closed() {
+                    return Ok(()); // the asker gave up; its next restart asks again
+                }
                 let result = state.restore(&partitions).await;
                 // The other partitions keep replicating whatever the restore's outcome; a child
-                // that cannot start again fails this actor, as at start.
-                state.stopping = false;
+                // that cannot start again fails this actor, as at start. The stopped child's
+                // `Exited` arrives after this handler, for an old generation, and is ignored.
                 state.spawn(&myself)?;
                 // A timed-out asker (its group) retries at its next restart.
                 let _ = reply.send(result);
@@ -282,6 +290,14 @@ impl LitestreamState {
         {
             tracing::warn!(pid, "litestream did not stop in time; killing it");
             signal(pid, Signal::SIGKILL);
+            // Two Litestreams on one replica corrupt it: a restore or a new child must not
+            // start before this one is gone.
+            if tokio::time::timeout(STOP_SLACK, self.exited.wait_for(|e| *e))
+                .await
+                .is_err()
+            {
+                tracing::error!(pid, "litestream still running after SIGKILL");
+            }
         } else {
             tracing::info!(pid, "litestream stopped after its final sync");
         }
@@ -307,7 +323,6 @@ impl LitestreamState {
             .filter(|db| !restoring.contains(db))
             .cloned()
             .collect();
-        self.stopping = true;
         if let Err(e) = self.stop_syncing(others, "before a restore").await {
             // Not fatal: the other files are intact locally and the next child uploads them.
             tracing::warn!(error = %e, "restoring with some partitions not confirmed on the replica");
@@ -353,16 +368,18 @@ impl ReplicaSync {
     ) -> Result<(), String> {
         let started = Instant::now();
         let total = dbs.len();
-        let secs = timeout.as_secs().max(1);
+        let deadline = Instant::now() + timeout.max(Duration::from_secs(1));
         let mut tasks = tokio::task::JoinSet::new();
         for db in dbs {
             let (bin, socket) = (self.bin.clone(), self.socket.clone());
             tasks.spawn(async move {
-                let deadline = Instant::now() + Duration::from_secs(secs);
                 loop {
+                    // Each attempt gets what is left of the bound (Litestream's -timeout is
+                    // whole seconds, at least 1), so retries never stretch it.
+                    let left = deadline.saturating_duration_since(Instant::now());
                     let out = tokio::process::Command::new(&bin)
                         .args(["sync", "-wait", "-timeout"])
-                        .arg(secs.to_string())
+                        .arg(left.as_secs().max(1).to_string())
                         .arg("-socket")
                         .arg(&socket)
                         .arg(&db)

@@ -190,6 +190,15 @@ impl NodeProcess {
         Some((code, resp.json().await.ok()?))
     }
 
+    /// Waits for the process to exit on its own, within `deadline`.
+    pub async fn wait_exit(mut self, deadline: Duration) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        wait_for("shardlite run to exit by itself", deadline, async || {
+            child.try_wait().unwrap()
+        })
+        .await
+    }
+
     /// Sends SIGKILL (a crash: no close frame, no drain, no final sync by the node itself) and
     /// waits for the exit status.
     pub async fn kill9(mut self) -> ExitStatus {

@@ -298,3 +298,62 @@ async fn a_backpressured_shard_is_not_taken_for_a_silent_one() {
     assert!(v.is_exact(), "{v:?}");
     assert_eq!(v.stored_messages, 20_000);
 }
+
+/// Without a replica (`replication.mode = "off"`) a partition file lost while the node runs is
+/// not silently recreated empty (its session and rows would be gone without a word): every
+/// restart of the group fails naming the file, and past the restart intensity the node exits 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_replica_a_lost_partition_file_stops_the_node_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Simulator::start(SimConfig {
+        guilds: 100,
+        shards: 2,
+        messages: 20_000,
+        rate: Some(2_500),
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let spec = NodeSpec {
+        shards: 2,
+        partitions: 8,
+        extra_toml:
+            "[supervision]\nmax_restarts = 2\nbackoff_initial_ms = 2000\nbackoff_max_ms = 2000\n"
+                .into(),
+        ..NodeSpec::default()
+    };
+    let node = NodeProcess::start(dir.path(), &sim, &spec).await;
+    wait_for("some progress", Duration::from_secs(30), async || {
+        (sim.status().messages_sent > 2_000).then_some(())
+    })
+    .await;
+    let partitions = node.data_dir.join("partitions");
+    let wal = partitions.join("p0001.sqlite3-wal");
+    chattr("+i", &wal);
+    wait_for(
+        "the failure of shard group 1",
+        Duration::from_secs(30),
+        async || {
+            node.stderr_text()
+                .contains("shard group child failed; restarting the group shard=1")
+                .then_some(())
+        },
+    )
+    .await;
+    chattr("-i", &wal);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(partitions.join(format!("p0001.sqlite3{suffix}")));
+    }
+    let stderr_path = node.dir.join("stderr.log");
+    let exit = node.wait_exit(Duration::from_secs(60)).await;
+    let stderr = std::fs::read_to_string(stderr_path).unwrap();
+    assert_eq!(exit.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("partition files unusable: p0001 (Missing)"),
+        "{stderr}"
+    );
+    assert!(
+        !partitions.join("p0001.sqlite3").exists(),
+        "the lost file was not recreated empty"
+    );
+}
