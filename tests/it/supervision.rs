@@ -281,9 +281,10 @@ async fn a_backpressured_shard_is_not_taken_for_a_silent_one() {
         },
     )
     .await;
-    // The fault itself: the lock stays for 2.5 s, past the 1 s silence timeout and within the
-    // node's 5 s busy timeout.
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    // The fault itself: the lock stays 2 s more (the status poll above took ≥ 1 s: the blocked
+    // partition answers it only as busy), past the 1 s silence timeout and the 1 s watchdog
+    // period, and well within the node's 5 s busy timeout.
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
     blocker.execute_batch("ROLLBACK").unwrap();
     drop(blocker);
     sim.wait_all_sent(Duration::from_secs(60)).await.unwrap();
