@@ -95,7 +95,7 @@ pub type FileLock = Arc<std::sync::Mutex<()>>;
 
 /// Takes `lock`; a poisoned lock only means an earlier holder panicked, and the file is guarded
 /// by SQLite's own transactions, so it is used as is.
-fn hold(lock: &FileLock) -> std::sync::MutexGuard<'_, ()> {
+pub(super) fn hold(lock: &FileLock) -> std::sync::MutexGuard<'_, ()> {
     lock.lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -194,10 +194,7 @@ impl PartitionState {
             return Ok(());
         }
         let ops = std::mem::take(&mut self.buffer);
-        let dispatches = ops
-            .iter()
-            .filter(|op| matches!(op, Op::Dispatch { .. } | Op::DeadLetter(_)))
-            .count();
+        let dispatches = ops.iter().filter(|op| op.is_dispatch()).count();
         let mut store = self.store.take().expect("store is present between batches");
         let mut session = self.session.clone();
         let lock = self.file_lock.clone();

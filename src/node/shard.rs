@@ -23,7 +23,7 @@ use twilight_model::gateway::event::{DispatchEvent, Event, GatewayEvent};
 use super::identify_queue::IdentifyQueue;
 use super::metrics as metric;
 use super::partition::PartitionMsg;
-use crate::ownership::Topology;
+use crate::ownership::{PartitionId, Topology};
 use crate::store::{AppliedSession, Op, SessionStart};
 
 /// How long a graceful close waits for Discord to acknowledge the close frame.
@@ -599,13 +599,10 @@ impl Pump {
     /// partition when it names no guild (or one of another shard, which a partition of ours must
     /// not hold — its sequence still has to advance here).
     async fn dead_letter(&mut self, letter: crate::store::DeadLetter) {
-        let home = self.topology.home_partition(self.shard_id);
-        let partition = letter
-            .guild_id
-            .map(|g| self.topology.partition_of_guild(g))
-            .filter(|p| self.topology.shard_of_partition(*p) == self.shard_id)
-            .unwrap_or(home);
-        let Ok(index) = usize::try_from(partition.0 / self.topology.shards()) else {
+        let Ok(index) = self
+            .partition_index(letter.guild_id)
+            .or_else(|_| self.partition_index(None))
+        else {
             return;
         };
         if !self.acquire_in_flight().await {
@@ -730,21 +727,29 @@ impl Pump {
     /// dropped with a warning rather than written into the wrong file.
     fn route(&self, event: DispatchEvent) -> Option<(usize, DispatchEvent)> {
         let event = Event::from(event);
-        let partition = match event.guild_id() {
-            Some(guild) => {
-                let p = self.topology.partition_of_guild(guild.get());
-                if self.topology.shard_of_partition(p) != self.shard_id {
-                    tracing::warn!(shard = self.shard_id, guild = guild.get(), kind = ?event.kind(),
-                        "dispatch for a guild of another shard dropped");
-                    return None;
-                }
-                p
-            }
-            None => self.topology.home_partition(self.shard_id),
+        let guild = event.guild_id().map(|g| g.get());
+        let Ok(index) = self.partition_index(guild) else {
+            tracing::warn!(shard = self.shard_id, guild, kind = ?event.kind(),
+                "dispatch for a guild of another shard dropped");
+            return None;
         };
-        let index = usize::try_from(partition.0 / self.topology.shards()).ok()?;
         let event = DispatchEvent::try_from(event).ok()?;
         Some((index, event))
+    }
+
+    /// Index into `partitions` of where a dispatch of `guild` goes (DESIGN §2): the guild's
+    /// partition, or the shard's home partition for a dispatch without a guild. `Err` names the
+    /// partition when Discord's formula puts the guild on another shard: no file of ours may hold
+    /// it.
+    fn partition_index(&self, guild: Option<u64>) -> Result<usize, PartitionId> {
+        let partition = guild.map_or_else(
+            || self.topology.home_partition(self.shard_id),
+            |g| self.topology.partition_of_guild(g),
+        );
+        if self.topology.shard_of_partition(partition) != self.shard_id {
+            return Err(partition);
+        }
+        usize::try_from(partition.0 / self.topology.shards()).map_err(|_| partition)
     }
 
     fn send(&self, partition: &ActorRef<PartitionMsg>, op: Op) {

@@ -240,9 +240,7 @@ impl ShardGroupState {
                     .zip(locks)
                     .map(|(p, lock)| {
                         // Waits out a batch a killed incarnation may still be committing.
-                        let _held = lock
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        let _held = super::partition::hold(&lock);
                         (p, file_health(&PartitionStore::path_in(&data_dir, p)))
                     })
                     // Without replication an empty file holds nothing to lose: reopening it

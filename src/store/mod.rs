@@ -130,6 +130,35 @@ pub struct DeadLetter {
     pub error: String,
 }
 
+impl Op {
+    /// A dispatch the gateway delivered, decoded or kept as a dead letter: it carries a sequence
+    /// and holds one of the shard's in-flight permits until its batch commits.
+    pub fn is_dispatch(&self) -> bool {
+        matches!(self, Op::Dispatch { .. } | Op::DeadLetter(_))
+    }
+}
+
+/// The session a delivered dispatch of sequence `seq` applies under, or `None` when it must be
+/// dropped: no session started yet (counted as unsessioned) or `seq <= applied_seq` (a resume
+/// replay, counted as a duplicate). The one gate of every [`Op::is_dispatch`] op.
+fn admit<'a>(
+    next: &'a mut Option<AppliedSession>,
+    seq: u64,
+    outcome: &mut BatchOutcome,
+    partition: PartitionId,
+) -> Option<&'a mut AppliedSession> {
+    let Some(current) = next.as_mut() else {
+        outcome.unsessioned += 1;
+        tracing::warn!(%partition, seq, "dispatch before any session start; dropped");
+        return None;
+    };
+    if seq <= current.applied_seq {
+        outcome.duplicates += 1;
+        return None;
+    }
+    Some(current)
+}
+
 /// What one [`PartitionStore::apply`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BatchOutcome {
@@ -373,15 +402,9 @@ impl PartitionStore {
                     session_dirty = true;
                 }
                 Op::Dispatch { seq, event } => {
-                    let Some(current) = next.as_mut() else {
-                        outcome.unsessioned += 1;
-                        tracing::warn!(%partition, seq, "dispatch before any session start; dropped");
+                    let Some(current) = admit(&mut next, *seq, &mut outcome, partition) else {
                         continue;
                     };
-                    if *seq <= current.applied_seq {
-                        outcome.duplicates += 1;
-                        continue;
-                    }
                     match apply::dispatch(&tx, event).map_err(err)? {
                         apply::Applied::Stored { new_message } => {
                             outcome.applied += 1;
@@ -393,15 +416,10 @@ impl PartitionStore {
                     session_dirty = true;
                 }
                 Op::DeadLetter(letter) => {
-                    let Some(current) = next.as_mut() else {
-                        outcome.unsessioned += 1;
-                        tracing::warn!(%partition, seq = letter.seq, "dispatch before any session start; dropped");
+                    let Some(current) = admit(&mut next, letter.seq, &mut outcome, partition)
+                    else {
                         continue;
                     };
-                    if letter.seq <= current.applied_seq {
-                        outcome.duplicates += 1;
-                        continue;
-                    }
                     apply::dead_letter(&tx, &current.session_id, letter).map_err(err)?;
                     outcome.dead_letters += 1;
                     current.applied_seq = letter.seq;
