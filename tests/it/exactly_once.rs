@@ -226,19 +226,6 @@ async fn kill9_after_an_upload_with_lost_data_dir_resumes_from_the_restored_sequ
     lost_disk_campaign("kill9-lost-disk-up", 0x5eed_00b8, true, 6, 60_000, 3_000).await;
 }
 
-/// Keys of partition `p`'s replica objects in `bucket` (moto answers unsigned list requests).
-async fn replica_keys(bucket: &str, p: u32) -> BTreeSet<String> {
-    let url = format!(
-        "{}/{bucket}?list-type=2&prefix=test/partitions/p{p:04}/",
-        s3::endpoint()
-    );
-    let body = reqwest::get(url).await.unwrap().text().await.unwrap();
-    body.split("<Key>")
-        .skip(1)
-        .filter_map(|k| k.split_once("</Key>").map(|(k, _)| k.to_owned()))
-        .collect()
-}
-
 /// Per shard, the `(session, applied_seq)` a restart would resume from: the minimum over the
 /// shard's partition files (None if any partition has no session).
 fn local_resume_points(data_dir: &Path, topology: Topology) -> Vec<Option<(String, u64)>> {
@@ -344,20 +331,28 @@ async fn lost_disk_campaign(
         let litestream_pid = wait_for(
             "the litestream child's pid in /readyz",
             Duration::from_secs(30),
-            async || node.status().await?.litestream?.pid,
+            async || node.litestream_pid().await,
         )
         .await;
         if wait_for_upload {
             let mut at_ready = Vec::new();
             for p in 0..PARTITIONS {
-                at_ready.push(replica_keys(&bucket, p).await);
+                at_ready.push(
+                    s3::replica_keys(&bucket, p)
+                        .await
+                        .expect("list the replica"),
+                );
             }
             wait_for(
                 "a new replica object of every partition",
                 Duration::from_secs(30),
                 async || {
                     for (p, before) in at_ready.iter().enumerate() {
-                        if replica_keys(&bucket, p as u32).await.is_subset(before) {
+                        if s3::replica_keys(&bucket, p as u32)
+                            .await
+                            .expect("list the replica")
+                            .is_subset(before)
+                        {
                             return None;
                         }
                     }

@@ -148,6 +148,11 @@ impl NodeProcess {
         resp.json().await.ok()
     }
 
+    /// The Litestream child's pid from `/readyz`, once one runs.
+    pub async fn litestream_pid(&self) -> Option<u32> {
+        self.status().await?.litestream?.pid
+    }
+
     /// GET /metrics (Prometheus text).
     pub async fn metrics(&self) -> String {
         reqwest::get(format!("http://{}/metrics", self.http))

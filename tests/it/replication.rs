@@ -187,49 +187,11 @@ async fn unreachable_store_fails_fast_and_opens_nothing() {
     );
 }
 
+/// Issue 3 (e): `kill -9` of the Litestream child mid-ingest → restarted with a new pid; the data
+/// dir is then lost and every row comes back from the replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_litestream_child_is_restarted_and_nothing_is_lost() {
-    let dir = tempfile::tempdir().unwrap();
-    let bucket = s3::bucket("kill-child").await;
-    let sim = sim(12_000, Some(4_000)).await;
-    let spec = spec(&bucket);
-    let node = NodeProcess::start(dir.path(), &sim, &spec).await;
-    let pid_of = async |node: &NodeProcess| -> Option<u64> {
-        node.status().await?.litestream?.pid.map(u64::from)
-    };
-    let first_pid = wait_for("litestream to run", Duration::from_secs(30), async || {
-        pid_of(&node).await
-    })
-    .await;
-    let killed = std::process::Command::new("kill")
-        .args(["-9", &first_pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let second_pid = wait_for(
-        "litestream to be restarted",
-        Duration::from_secs(30),
-        async || pid_of(&node).await.filter(|p| *p != first_pid),
-    )
-    .await;
-    assert_ne!(first_pid, second_pid);
-    assert!(
-        sim.status().messages_sent < 12_000,
-        "the kill happened during ingest"
-    );
-    sim.wait_all_sent(Duration::from_secs(120)).await.unwrap();
-    node.wait_caught_up(&sim, Duration::from_secs(60)).await;
-    assert!(node.stop().await.success());
-
-    let data_dir = dir.path().join("data");
-    let before = check(&data_dir, &sim);
-    std::fs::remove_dir_all(&data_dir).unwrap();
-    run_to_completion(dir.path(), &sim, &spec).await;
-    assert_eq!(
-        check(&data_dir, &sim).totals,
-        before.totals,
-        "the replica holds everything"
-    );
+    kill_litestream_child_then_lose_the_disk("kill-child", false).await;
 }
 
 #[tokio::test]
@@ -310,51 +272,66 @@ fn committed_litestream_yml_is_the_rendering_of_the_spaces_example() {
 /// partitions now leave checkpoints to Litestream (`store::Checkpointer`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn litestream_child_killed_after_uploads_leaves_a_restorable_replica() {
+    kill_litestream_child_then_lose_the_disk("kill-after-up", true).await;
+}
+
+/// The body of the two tests above: run, `kill -9` the Litestream child (with `after_uploads`,
+/// only once every partition has at least two replica objects), wait for its supervised restart,
+/// ingest to the end, stop, lose the data dir, run again from the replica: the totals are equal.
+async fn kill_litestream_child_then_lose_the_disk(name: &str, after_uploads: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let bucket = s3::bucket("kill-after-up").await;
+    let bucket = s3::bucket(name).await;
     let sim = sim(12_000, Some(4_000)).await;
     let spec = spec(&bucket);
     let node = NodeProcess::start(dir.path(), &sim, &spec).await;
-    let pid = wait_for("litestream to run", Duration::from_secs(30), async || {
-        node.status().await?.litestream?.pid.map(u64::from)
+    let first_pid = wait_for("litestream to run", Duration::from_secs(30), async || {
+        node.litestream_pid().await
     })
     .await;
-    wait_for(
-        "every partition uploaded",
-        Duration::from_secs(30),
-        async || {
-            for p in 0..PARTITIONS {
-                let url = format!(
-                    "{}/{bucket}?list-type=2&prefix=test/partitions/p{p:04}/",
-                    s3::endpoint()
-                );
-                let body = reqwest::get(url).await.ok()?.text().await.ok()?;
-                if body.matches("<Key>").count() < 2 {
-                    return None;
+    if after_uploads {
+        wait_for(
+            "every partition uploaded",
+            Duration::from_secs(30),
+            async || {
+                for p in 0..PARTITIONS {
+                    if s3::replica_keys(&bucket, p).await?.len() < 2 {
+                        return None;
+                    }
                 }
-            }
-            Some(())
-        },
-    )
-    .await;
-    std::process::Command::new("kill")
-        .args(["-9", &pid.to_string()])
+                Some(())
+            },
+        )
+        .await;
+    }
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &first_pid.to_string()])
         .status()
         .unwrap();
-    wait_for("restart", Duration::from_secs(30), async || {
-        node.status()
-            .await?
-            .litestream?
-            .pid
-            .filter(|p| u64::from(*p) != pid)
-    })
+    assert!(killed.success());
+    let second_pid = wait_for(
+        "litestream to be restarted",
+        Duration::from_secs(30),
+        async || node.litestream_pid().await.filter(|p| *p != first_pid),
+    )
     .await;
+    assert_ne!(first_pid, second_pid);
+    if !after_uploads {
+        assert!(
+            sim.status().messages_sent < 12_000,
+            "the kill happened during ingest"
+        );
+    }
     sim.wait_all_sent(Duration::from_secs(120)).await.unwrap();
     node.wait_caught_up(&sim, Duration::from_secs(60)).await;
     assert!(node.stop().await.success());
+
     let data_dir = dir.path().join("data");
     let before = check(&data_dir, &sim);
     std::fs::remove_dir_all(&data_dir).unwrap();
     run_to_completion(dir.path(), &sim, &spec).await;
-    assert_eq!(check(&data_dir, &sim).totals, before.totals);
+    assert_eq!(
+        check(&data_dir, &sim).totals,
+        before.totals,
+        "the replica holds everything"
+    );
 }

@@ -2,6 +2,7 @@
 //! installed into `.tools/` by `scripts/install-tools`. Missing tools fail the test with the
 //! command that installs them; they never skip.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -99,5 +100,21 @@ pub fn replication_toml(bucket: &str, endpoint: &str, restore_timeout_secs: u64)
          prefix = \"test\"\nsync_interval_ms = 200\nrequest_budget_per_sec = 1000\n\
          litestream_bin = \"{}\"\nrestore_timeout_secs = {restore_timeout_secs}\n",
         litestream().display()
+    )
+}
+
+/// Keys of partition `p`'s replica objects in `bucket` under the tests' prefix `test` (moto
+/// answers unsigned list requests); `None` if the listing could not be read.
+pub async fn replica_keys(bucket: &str, p: u32) -> Option<BTreeSet<String>> {
+    let url = format!(
+        "{}/{bucket}?list-type=2&prefix=test/partitions/p{p:04}/",
+        endpoint()
+    );
+    let body = reqwest::get(url).await.ok()?.text().await.ok()?;
+    Some(
+        body.split("<Key>")
+            .skip(1)
+            .filter_map(|k| k.split_once("</Key>").map(|(k, _)| k.to_owned()))
+            .collect(),
     )
 }

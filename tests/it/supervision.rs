@@ -21,6 +21,30 @@ fn chattr(flag: &str, path: &std::path::Path) {
     assert!(status.success(), "chattr {flag} {}", path.display());
 }
 
+/// Loses p0001 (shard 1 of 2) while the node runs, where the group's restart will find it
+/// missing: an immutable WAL fails p0001's next commit and so its group; once that failure is
+/// logged (the restart is a backoff of seconds away), the flag is lifted and the file, WAL and
+/// shm are deleted.
+async fn lose_p0001_inside_a_group_failure(node: &NodeProcess) {
+    let partitions = node.data_dir.join("partitions");
+    let wal = partitions.join("p0001.sqlite3-wal");
+    chattr("+i", &wal);
+    wait_for(
+        "the failure of shard group 1",
+        Duration::from_secs(30),
+        async || {
+            node.stderr_text()
+                .contains("shard group child failed; restarting the group shard=1")
+                .then_some(())
+        },
+    )
+    .await;
+    chattr("-i", &wal);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(partitions.join(format!("p0001.sqlite3{suffix}")));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_partition_restarts_its_group_which_resumes_exactly() {
     let dir = tempfile::tempdir().unwrap();
@@ -122,32 +146,12 @@ async fn a_partition_file_lost_while_running_is_restored_at_the_group_restart() 
         "p0001 uploaded to its replica",
         Duration::from_secs(30),
         async || {
-            let url = format!(
-                "{}/{bucket}?list-type=2&prefix=test/partitions/p0001/",
-                s3::endpoint()
-            );
-            let body = reqwest::get(url).await.ok()?.text().await.ok()?;
-            (body.matches("<Key>").count() >= 2 && sim.status().messages_sent > 2_000).then_some(())
+            let uploaded = s3::replica_keys(&bucket, 1).await?.len() >= 2;
+            (uploaded && sim.status().messages_sent > 2_000).then_some(())
         },
     )
     .await;
-    let partitions = node.data_dir.join("partitions");
-    let wal = partitions.join("p0001.sqlite3-wal");
-    chattr("+i", &wal);
-    wait_for(
-        "the failure of shard group 1",
-        Duration::from_secs(30),
-        async || {
-            node.stderr_text()
-                .contains("shard group child failed; restarting the group shard=1")
-                .then_some(())
-        },
-    )
-    .await;
-    chattr("-i", &wal);
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(partitions.join(format!("p0001.sqlite3{suffix}")));
-    }
+    lose_p0001_inside_a_group_failure(&node).await;
     assert!(
         sim.status().messages_sent < 20_000,
         "the loss happened during ingest"
@@ -329,22 +333,7 @@ async fn without_a_replica_a_lost_partition_file_stops_the_node_naming_it() {
     })
     .await;
     let partitions = node.data_dir.join("partitions");
-    let wal = partitions.join("p0001.sqlite3-wal");
-    chattr("+i", &wal);
-    wait_for(
-        "the failure of shard group 1",
-        Duration::from_secs(30),
-        async || {
-            node.stderr_text()
-                .contains("shard group child failed; restarting the group shard=1")
-                .then_some(())
-        },
-    )
-    .await;
-    chattr("-i", &wal);
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(partitions.join(format!("p0001.sqlite3{suffix}")));
-    }
+    lose_p0001_inside_a_group_failure(&node).await;
     let stderr_path = node.dir.join("stderr.log");
     let exit = node.wait_exit(Duration::from_secs(60)).await;
     let stderr = std::fs::read_to_string(stderr_path).unwrap();
