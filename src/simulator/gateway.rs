@@ -204,6 +204,8 @@ struct Conn {
     counted: bool,
     /// Reported once the connection task has finished (faults that end the connection).
     ack_on_end: Option<oneshot::Sender<()>>,
+    /// The script hold ([`Runtime::set_script_limit`]): a connection at the hold waits here.
+    script_limit: watch::Receiver<u64>,
 }
 
 /// What woke the connection loop.
@@ -215,6 +217,8 @@ enum Wake {
     StallOver,
     Send,
     Permit,
+    /// The script hold moved.
+    HoldMoved,
 }
 
 async fn connection(rt: Arc<Runtime>, tcp: TcpStream, id: u64, shutdown: watch::Receiver<bool>) {
@@ -229,6 +233,7 @@ async fn connection(rt: Arc<Runtime>, tcp: TcpStream, id: u64, shutdown: watch::
         }
     };
     let (faults_tx, faults_rx) = mpsc::unbounded_channel();
+    let script_limit = rt.watch_script_limit();
     let mut conn = Conn {
         rt,
         ws,
@@ -239,6 +244,7 @@ async fn connection(rt: Arc<Runtime>, tcp: TcpStream, id: u64, shutdown: watch::
         stalled_until: None,
         counted: false,
         ack_on_end: None,
+        script_limit,
     };
     let end = conn.run(shutdown).await;
     if let Some(stream) = &conn.stream {
@@ -305,7 +311,11 @@ impl Conn {
                 self.stalled_until = None;
             }
             let stalled = self.stalled_until.is_some();
-            let streaming = !stalled && self.stream.as_ref().is_some_and(|s| !s.script_done);
+            // Mark the hold as seen before reading it, so a move after the check still wakes us.
+            self.script_limit.borrow_and_update();
+            let script_left = !stalled && self.stream.as_ref().is_some_and(|s| !s.script_done);
+            let held = script_left && !self.rt.script_room();
+            let streaming = script_left && !held;
             let pacer = self.rt.pacer.clone();
             // Tokens already granted for this turn (unpaced: always a full batch).
             let mut granted = if streaming {
@@ -320,6 +330,7 @@ impl Conn {
                     id,
                     faults_rx,
                     stalled_until,
+                    script_limit,
                     ..
                 } = self;
                 let stall_end = stalled_until.unwrap_or_else(Instant::now);
@@ -330,6 +341,7 @@ impl Conn {
                     req = faults_rx.recv() => Wake::Fault(req),
                     frame = ws.next() => Wake::Frame(frame),
                     () = tokio::time::sleep_until(stall_end), if stalled => Wake::StallOver,
+                    _ = script_limit.changed(), if held => Wake::HoldMoved,
                     () = std::future::ready(()), if granted > 0 => Wake::Send,
                     () = one_token(pacer.as_deref()), if streaming && granted == 0 && pacer.is_some() => Wake::Permit,
                 }
@@ -349,7 +361,7 @@ impl Conn {
                 Wake::Frame(frame) => self.on_frame(frame).await,
                 Wake::Fault(Some(req)) => self.apply_fault(req).await,
                 // Unreachable: this connection holds a sender.
-                Wake::Fault(None) | Wake::StallOver | Wake::Send => Ok(()),
+                Wake::Fault(None) | Wake::StallOver | Wake::Send | Wake::HoldMoved => Ok(()),
                 Wake::Permit => {
                     granted = 1 + take_tokens(pacer.as_deref(), BATCH - 1);
                     Ok(())

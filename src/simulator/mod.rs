@@ -342,6 +342,10 @@ pub struct SimStatus {
     /// Session starts (IDENTIFYs) left, as `/gateway/bot` reports them.
     #[serde(default)]
     pub session_start_remaining: u32,
+    /// Script events claimed for sending over all shards (≥ the sum of `script_sent`, by at
+    /// most the batches being written); what [`Simulator::hold_script_at`] counts.
+    #[serde(default)]
+    pub script_claimed: u64,
 }
 
 /// Progress of one shard.
@@ -591,6 +595,15 @@ impl Simulator {
             sent: status.shards.iter().map(|s| s.script_sent).sum(),
             total: status.shards.iter().map(|s| s.script_total).sum(),
         })
+    }
+
+    /// Hold the script stream once `total` script events (over all shards, counted from the
+    /// start) were claimed for sending; `None` lifts the hold. READY, GUILD_CREATE, replays,
+    /// redeliveries and heartbeats are not held. A test uses it to make a precondition true
+    /// on any machine — "the stream is not over before this step" — instead of guessing how
+    /// fast ingest runs. Lowering the hold below what was already claimed holds at once.
+    pub fn hold_script_at(&self, total: Option<u64>) {
+        self.rt.set_script_limit(total.unwrap_or(u64::MAX));
     }
 
     /// Apply `fault` to the connection holding `shard` and return once it was applied (for

@@ -192,6 +192,12 @@ pub(crate) struct Runtime {
     next_session: AtomicU64,
     /// IDENTIFYs still allowed (`session_start_limit.remaining`).
     session_starts: AtomicU32,
+    /// Script events every shard together may claim before the stream holds
+    /// ([`crate::simulator::Simulator::hold_script_at`]); `u64::MAX` = no hold.
+    script_limit: watch::Sender<u64>,
+    /// Script events claimed so far over all shards (each script position counts once: replays
+    /// and redeliveries are not script claims).
+    script_claimed: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -233,6 +239,8 @@ impl Runtime {
             next_conn: AtomicU64::new(1),
             next_session: AtomicU64::new(1),
             session_starts,
+            script_limit: watch::channel(u64::MAX).0,
+            script_claimed: AtomicU64::new(0),
         }
     }
 
@@ -249,6 +257,41 @@ impl Runtime {
     /// Watch whether every script was sent at least once.
     pub(crate) fn watch_all_sent(&self) -> watch::Receiver<bool> {
         self.all_sent.subscribe()
+    }
+
+    /// Hold the script stream once `limit` script events were claimed over all shards
+    /// (`u64::MAX`: never). Connections waiting at the hold wake when it changes.
+    pub(crate) fn set_script_limit(&self, limit: u64) {
+        self.script_limit.send_replace(limit);
+    }
+
+    /// Watch the script hold; a connection at the hold waits for a change.
+    pub(crate) fn watch_script_limit(&self) -> watch::Receiver<u64> {
+        self.script_limit.subscribe()
+    }
+
+    /// `true` while the hold lets at least one more script event through.
+    pub(crate) fn script_room(&self) -> bool {
+        self.script_claimed.load(Ordering::Acquire) < *self.script_limit.borrow()
+    }
+
+    /// Script events claimed so far over all shards.
+    pub(crate) fn script_claimed(&self) -> u64 {
+        self.script_claimed.load(Ordering::Acquire)
+    }
+
+    /// Reserve up to `want` script events under the hold; returns how many were granted.
+    fn reserve_script(&self, want: u64) -> u64 {
+        let limit = *self.script_limit.borrow();
+        let mut granted = 0;
+        // Err only when nothing is left, which `granted = 0` already says.
+        let _ = self
+            .script_claimed
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |claimed| {
+                granted = want.min(limit.saturating_sub(claimed));
+                (granted > 0).then_some(claimed + granted)
+            });
+        granted
     }
 
     /// IDENTIFYs still allowed.
@@ -431,8 +474,8 @@ impl Runtime {
         st.cursor as usize >= self.world.scripts[shard as usize].len()
     }
 
-    /// Give up to `max` next script events of `shard` to `session`, if `conn` still owns the
-    /// shard. Each event gets the session's next sequence number (the broken-JSON fault gets
+    /// Give up to `max` next script events of `shard` to `session` (fewer at the script hold),
+    /// if `conn` still owns the shard. Each event gets the session's next sequence number (the broken-JSON fault gets
     /// none and counts as sent at once, as nothing can replay it).
     pub(crate) fn claim(&self, shard: u32, conn: u64, session: &str, max: usize) -> Claim {
         let script = &self.world.scripts[shard as usize];
@@ -444,7 +487,8 @@ impl Runtime {
         let Some(log) = st.sessions.get_mut(session).map(|s| &mut s.log) else {
             return Claim::Superseded;
         };
-        let end = (st.cursor as usize + max).min(script.len());
+        let left = script.len() - st.cursor as usize;
+        let end = st.cursor as usize + self.reserve_script(max.min(left) as u64) as usize;
         let mut items = Vec::with_capacity(end - st.cursor as usize);
         let mut broken = Vec::new();
         for index in st.cursor..end as u32 {
@@ -612,6 +656,7 @@ impl Runtime {
             messages_total: self.world.messages.len() as u64,
             all_sent,
             session_start_remaining: self.session_start_remaining(),
+            script_claimed: self.script_claimed(),
         }
     }
 

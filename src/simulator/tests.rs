@@ -676,6 +676,55 @@ async fn rate_paces_the_script() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_script_hold_stops_the_stream_exactly_and_moves_on_when_raised() {
+    let sim = Simulator::start(SimConfig {
+        guilds: 10,
+        shards: 1,
+        messages: 600,
+        ..SimConfig::default()
+    })
+    .await
+    .expect("start");
+    let total = sim.status().shards[0].script_total;
+    sim.hold_script_at(Some(100));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut shard = Shard::with_config(ShardId::new(0, 1), builder(&sim, TOKEN).build());
+    let reader = tokio::spawn(async move {
+        let mut seen = Seen::default();
+        drive(&mut shard, deadline, &mut seen, |s| s.messages.len() >= 600).await;
+        seen
+    });
+    let at_hold = async |hold: u64| {
+        sim.hold_script_at(Some(hold));
+        loop {
+            let status = sim.status();
+            if status.shards[0].script_sent >= hold {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{hold} script events sent: {status:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    for hold in [100, 250] {
+        let status = at_hold(hold).await;
+        // Claimed is counted before a batch is written: at the hold, nothing beyond it.
+        assert_eq!(status.script_claimed, hold, "{status:?}");
+        assert_eq!(status.shards[0].script_sent, hold, "{status:?}");
+        assert!(!status.all_sent);
+    }
+    sim.hold_script_at(None);
+    let seen = reader.await.expect("reader");
+    let done = sim.status();
+    assert!(done.all_sent, "{done:?}");
+    assert_eq!(done.script_claimed, total);
+    assert_eq!(seen.messages.len(), 600, "no script event sent twice");
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rest_gateway_bot_and_status() {
     let sim = Simulator::start(SimConfig {
         guilds: 8,

@@ -16,7 +16,10 @@ use shardlite::simulator::{DispatchKind, Expected, Fault, SimConfig, SimError, S
 use shardlite::store::PartitionStore;
 use shardlite::verify::{Verification, verify};
 
-use crate::harness::{NodeProcess, NodeSpec, process_exited, wait_for};
+use crate::harness::{
+    NodeProcess, NodeSpec, hold_stream, process_exited, script_sent, script_total, seed,
+    stream_past, wait_for,
+};
 use crate::s3;
 
 /// Verifies the files under `data_dir` off the async threads.
@@ -130,19 +133,22 @@ fn shard_phase(status: &NodeStatus, shard: u32) -> Option<ShardPhase> {
 /// what the files committed, and nothing is lost or applied twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_campaign_loses_nothing_and_identifies_once() {
-    const SEED: u64 = 0x5eed_0007;
     const KILLS: usize = 20;
     const MESSAGES: u64 = 200_000;
-    println!("kill delays: fastrand seed {SEED:#x}");
-    let mut rng = fastrand::Rng::with_seed(SEED);
+    const RATE: u32 = 8_000;
+    // Script events streamed before each kill: 200–800 ms of the paced stream, so the crash
+    // lands anywhere in the apply path; the slack (250 ms) keeps the stream flowing at the kill.
+    const STEP: std::ops::RangeInclusive<u64> = RATE as u64 / 5..=RATE as u64 * 4 / 5;
+    const SLACK: u64 = RATE as u64 / 4;
+    // The precondition "every kill lands during ingest" holds by construction.
+    const _: () = assert!(KILLS as u64 * (*STEP.end() + SLACK) < MESSAGES);
+    let mut rng = fastrand::Rng::with_seed(seed(0x5eed_0007));
     let dir = tempfile::tempdir().unwrap();
-    // 8 000/s: the stream (≈ 25 s of connected time) outlasts the campaign, so every kill lands
-    // during ingest. The pacer does not bank tokens while no client is connected.
     let sim = Simulator::start(SimConfig {
         guilds: 500,
         shards: 4,
         messages: MESSAGES,
-        rate: Some(8_000),
+        rate: Some(RATE),
         ..SimConfig::default()
     })
     .await
@@ -154,14 +160,14 @@ async fn kill9_campaign_loses_nothing_and_identifies_once() {
     };
     let started = Instant::now();
     for kill in 1..=KILLS {
+        hold_stream(&sim);
         let node = NodeProcess::start(dir.path(), &sim, &spec).await;
-        let delay = rng.u64(200..=1000);
-        // The random delay is the point of the test: the crash lands anywhere in the apply path.
-        tokio::time::sleep(Duration::from_millis(delay)).await;
+        let step = rng.u64(STEP);
+        stream_past(&sim, step, SLACK).await;
         let sent = sim.status().messages_sent;
         let exit = node.kill9().await;
         assert_eq!(exit.signal(), Some(9), "kill {kill}: died of SIGKILL");
-        println!("kill {kill:2}: after {delay:4} ms, {sent:6} messages sent");
+        println!("kill {kill:2}: after {step:4} script events, {sent:6} messages sent");
     }
     let sent_during_campaign = sim.status().messages_sent;
     assert!(
@@ -177,6 +183,7 @@ async fn kill9_campaign_loses_nothing_and_identifies_once() {
         started.elapsed()
     );
 
+    sim.hold_script_at(None);
     let node = NodeProcess::start(dir.path(), &sim, &spec).await;
     wait_all_sent(&sim, &node, "").await;
     node.wait_caught_up(&sim, Duration::from_secs(60)).await;
@@ -206,7 +213,8 @@ async fn kill9_campaign_loses_nothing_and_identifies_once() {
 
 /// (b) Crashes with replication, and every other restart on a new machine (empty data dir): the
 /// files come back from the replica and the session resumes from the restored sequence. The
-/// crash lands 200–1000 ms after the node is ready, whether or not Litestream uploaded anything.
+/// crash lands after 200–1000 ms worth of stream past the moment the node is ready, whether or
+/// not Litestream uploaded anything.
 /// Measured with Litestream 0.5.17: its first upload comes about 1 s after it starts (every
 /// restart starts it anew), and the orphan of a killed node logs "shutdown sync skipped,
 /// interrupted by signal" — so the node itself makes each new session durable on the replica
@@ -264,7 +272,7 @@ fn resumed_at(log: &str) -> Vec<(u32, u64)> {
 
 async fn lost_disk_campaign(
     name: &str,
-    seed: u64,
+    default_seed: u64,
     wait_for_upload: bool,
     kills: usize,
     messages: u64,
@@ -272,8 +280,19 @@ async fn lost_disk_campaign(
 ) {
     const SHARDS: u32 = 4;
     const PARTITIONS: u32 = 8;
-    println!("kill delays: fastrand seed {seed:#x}");
-    let mut rng = fastrand::Rng::with_seed(seed);
+    let rate_per_sec = u64::from(rate);
+    // Script events streamed before each kill: 200–1000 ms of the paced stream, so the crash
+    // lands anywhere in the apply path; the slack keeps the stream flowing at the kill.
+    let steps = rate_per_sec / 5..=rate_per_sec;
+    let slack = rate_per_sec / 2;
+    // Before an upload is awaited, half a second of stream gives every partition new writes.
+    let feed = if wait_for_upload { rate_per_sec / 2 } else { 0 };
+    // The precondition "every kill lands during ingest" holds by construction.
+    assert!(
+        kills as u64 * (feed + steps.end() + slack) < messages,
+        "test sizes: {kills} kills must not be able to use up {messages} messages"
+    );
+    let mut rng = fastrand::Rng::with_seed(seed(default_seed));
     let dir = tempfile::tempdir().unwrap();
     let bucket = s3::bucket(name).await;
     let topology = Topology::new(SHARDS, PARTITIONS, 1).unwrap();
@@ -298,6 +317,7 @@ async fn lost_disk_campaign(
     // Lost-disk restarts whose partitions were not all restored, with the log that says why.
     let mut restore_problems: Vec<String> = Vec::new();
     for start in 1..=kills + 1 {
+        hold_stream(&sim);
         let log_from = stderr_len(dir.path());
         let node = NodeProcess::start(dir.path(), &sim, &spec).await;
         let log = stderr_since(dir.path(), log_from);
@@ -322,6 +342,7 @@ async fn lost_disk_campaign(
         if start > kills {
             // The last start: run to the end.
             let context = format!("lost disks not restored: {restore_problems:#?}");
+            sim.hold_script_at(None);
             wait_all_sent(&sim, &node, &context).await;
             node.wait_caught_up(&sim, Duration::from_secs(60)).await;
             let exit = node.stop().await;
@@ -343,6 +364,7 @@ async fn lost_disk_campaign(
                         .expect("list the replica"),
                 );
             }
+            sim.hold_script_at(Some(sim.status().script_claimed + feed));
             wait_for(
                 "a new replica object of every partition",
                 Duration::from_secs(30),
@@ -361,9 +383,12 @@ async fn lost_disk_campaign(
             )
             .await;
         }
-        let delay = rng.u64(200..=1000);
-        // The random delay is the point of the test: the crash lands anywhere in the apply path.
-        tokio::time::sleep(Duration::from_millis(delay)).await;
+        // A session is durable on the replica only once its start was synced (before any of
+        // its dispatches apply); a crash before that would lose it with the disk, by design.
+        node.wait_sessions_applied(&sim, Duration::from_secs(60))
+            .await;
+        let step = rng.u64(steps.clone());
+        stream_past(&sim, step, slack).await;
         let sent = sim.status().messages_sent;
         let exit = node.kill9().await;
         assert_eq!(exit.signal(), Some(9), "kill {start}: died of SIGKILL");
@@ -378,7 +403,7 @@ async fn lost_disk_campaign(
         .await;
         let lose_disk = start % 2 == 1;
         println!(
-            "kill {start}: after {delay:4} ms, {sent:6} messages sent; data dir {}",
+            "kill {start}: after {step:4} script events, {sent:6} messages sent; data dir {}",
             if lose_disk { "deleted" } else { "kept" }
         );
         if lose_disk {
@@ -438,11 +463,17 @@ async fn every_injected_fault_is_recovered_exactly_once() {
         partitions: 16,
         ..NodeSpec::default()
     };
+    // Every fault must land during ingest, however long recovering from the previous one
+    // takes: the stream holds at 70 % (the last fault comes at 45 %) until all were injected.
+    sim.hold_script_at(Some(script_total(&sim) * 7 / 10));
     let node = NodeProcess::start(dir.path(), &sim, &spec).await;
     // Fault i goes to shard i % 4, after (10 + 5 i) % of the messages were sent.
     let faults = [
         Fault::DropConnection,
-        Fault::StopAcks { millis: 2_000 },
+        // Stalled until twilight notices the zombie and resumes on a new connection (which
+        // supersedes this one): a short stall could end before a backpressured shard even
+        // sends the heartbeat that finds it out.
+        Fault::StopAcks { millis: 60_000 },
         Fault::Reconnect,
         Fault::InvalidSession { resumable: true },
         Fault::InvalidSession { resumable: false },
@@ -459,16 +490,28 @@ async fn every_injected_fault_is_recovered_exactly_once() {
             async || (sim.status().messages_sent >= target).then_some(()),
         )
         .await;
+        let resumes_before = sim.status().shards[shard as usize].resumes;
         inject_when_active(&sim, &node, shard, fault.clone()).await;
         println!(
             "injected {fault:?} on shard {shard} at {} messages sent",
             sim.status().messages_sent
         );
+        if matches!(fault, Fault::StopAcks { .. }) {
+            wait_for(
+                &format!("shard {shard} to resume after {fault:?}"),
+                Duration::from_secs(90),
+                async || {
+                    (sim.status().shards[shard as usize].resumes > resumes_before).then_some(())
+                },
+            )
+            .await;
+        }
     }
     assert!(
         sim.status().messages_sent < MESSAGES,
         "every fault landed during ingest"
     );
+    sim.hold_script_at(None);
     wait_all_sent(&sim, &node, "").await;
     let status = wait_for(
         "every shard active again (/readyz 200)",
@@ -569,11 +612,15 @@ async fn expired_session_scenario(crash: bool) {
         partitions: PARTITIONS,
         ..NodeSpec::default()
     };
+    // The stream stops at a third of the script, so the first process always ends mid-stream,
+    // however long stopping it takes; after a quarter it is still flowing when it ends.
+    let total = script_total(&sim);
+    sim.hold_script_at(Some(total / 3));
     let first = NodeProcess::start(dir.path(), &sim, &spec).await;
     wait_for(
-        "a quarter of the messages",
+        "a quarter of the script",
         Duration::from_secs(60),
-        async || (sim.status().messages_sent >= MESSAGES / 4).then_some(()),
+        async || (script_sent(&sim) >= total / 4).then_some(()),
     )
     .await;
     if crash {
@@ -599,6 +646,7 @@ async fn expired_session_scenario(crash: bool) {
     // window plus a margin is the condition itself, not a guess at how long something takes.
     tokio::time::sleep(WINDOW + Duration::from_millis(500)).await;
 
+    sim.hold_script_at(None);
     let second = NodeProcess::start(dir.path(), &sim, &spec).await;
     wait_all_sent(&sim, &second, "").await;
     second.wait_caught_up(&sim, Duration::from_secs(60)).await;

@@ -54,6 +54,60 @@ pub async fn wait_for<T>(
     }
 }
 
+/// Script events the simulator sent so far, over all shards.
+pub fn script_sent(sim: &Simulator) -> u64 {
+    sim.status().shards.iter().map(|s| s.script_sent).sum()
+}
+
+/// Holds the simulator's script stream where it stands (what was claimed so far), e.g. while a
+/// node starts, so how far the stream moves is the test's choice and not the machine's speed.
+pub fn hold_stream(sim: &Simulator) {
+    sim.hold_script_at(Some(sim.status().script_claimed));
+}
+
+/// Moves the simulator's script hold to `events` past what was claimed so far: writes keep
+/// coming for a while (a fault that needs a commit gets one), but the stream cannot run out.
+pub fn hold_stream_after(sim: &Simulator, events: u64) {
+    sim.hold_script_at(Some(sim.status().script_claimed + events));
+}
+
+/// Lets the held stream move `step` more script events, plus `slack` beyond them, and waits
+/// until those `step` were sent. A crash right after lands while the stream still flows (the
+/// slack is about half a second of it), and a campaign can never run out of stream early: each
+/// step moves it by at most `step + slack`, on a slow machine or a fast one.
+pub async fn stream_past(sim: &Simulator, step: u64, slack: u64) {
+    let base = sim.status().script_claimed;
+    sim.hold_script_at(Some(base + step + slack));
+    wait_for(
+        &format!("{step} more script events sent (from {base})"),
+        Duration::from_secs(120),
+        async || (script_sent(sim) >= base + step).then_some(()),
+    )
+    .await;
+}
+
+/// Script events in the simulator's whole stream, over all shards.
+pub fn script_total(sim: &Simulator) -> u64 {
+    sim.status().shards.iter().map(|s| s.script_total).sum()
+}
+
+/// The seed of a randomized test: `SHARDLITE_TEST_SEED` (decimal or `0x` hex) when set, to
+/// replay or vary a run, else the test's own `default`. Printed, so a failure names it.
+pub fn seed(default: u64) -> u64 {
+    let seed = match std::env::var("SHARDLITE_TEST_SEED") {
+        Ok(text) => {
+            let parsed = match text.strip_prefix("0x") {
+                Some(hex) => u64::from_str_radix(hex, 16),
+                None => text.parse(),
+            };
+            parsed.unwrap_or_else(|e| panic!("SHARDLITE_TEST_SEED={text:?}: {e}"))
+        }
+        Err(_) => default,
+    };
+    println!("seed {seed:#x} (replay with SHARDLITE_TEST_SEED={seed:#x})");
+    seed
+}
+
 /// Shape of the node under test.
 #[derive(Clone, Debug, Default)]
 pub struct NodeSpec {
@@ -125,7 +179,8 @@ impl NodeProcess {
             stderr,
         };
         let info: serde_json::Value =
-            wait_for("the ready file", Duration::from_secs(60), async || {
+            // Restores before open may take up to a test's `restore_timeout_secs` (60 s).
+            wait_for("the ready file", Duration::from_secs(120), async || {
                 if let Some(status) = node.child.as_mut().unwrap().try_wait().unwrap() {
                     panic!(
                         "shardlite run exited early with {status}:\n{}",
@@ -172,15 +227,47 @@ impl NodeProcess {
         .await;
     }
 
+    /// Waits until every partition applied something of its shard's current simulator
+    /// session (`applied_seq ≥ 1`). A new session's first dispatch applies only after the
+    /// session start is durable (committed, and synced to the replica when Litestream runs as
+    /// the node's child): from here on a lost disk can resume the session.
+    pub async fn wait_sessions_applied(&self, sim: &Simulator, deadline: Duration) {
+        wait_for(
+            "every partition to apply its shard's current session",
+            deadline,
+            async || {
+                let status = self.status().await?;
+                let sim = sim.status();
+                sim.shards
+                    .iter()
+                    .all(|s| {
+                        status.groups.iter().any(|g| {
+                            g.shard == s.shard
+                                && !g.partitions.is_empty()
+                                && g.partitions.iter().all(|p| {
+                                    p.session.as_ref().is_some_and(|a| {
+                                        Some(&a.session_id) == s.session.as_ref()
+                                            && a.applied_seq >= 1
+                                    })
+                                })
+                        })
+                    })
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub async fn stop(mut self) -> ExitStatus {
         let pid = self.pid().to_string();
         let mut child = self.child.take().unwrap();
         let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
         assert!(killed.success(), "kill -TERM {pid}");
+        // The node's own bound on a graceful stop is `replication::child::STOP_BOUND` (70 s).
         wait_for(
             "shardlite run to exit",
-            Duration::from_secs(60),
+            Duration::from_secs(90),
             async || child.try_wait().unwrap(),
         )
         .await

@@ -7,7 +7,7 @@ use shardlite::ownership::Topology;
 use shardlite::simulator::{SimConfig, Simulator};
 use shardlite::verify::verify;
 
-use crate::harness::{NodeProcess, NodeSpec};
+use crate::harness::{NodeProcess, NodeSpec, script_sent, script_total};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_stores_every_message_exactly_once() {
@@ -183,16 +183,21 @@ async fn a_restarted_process_resumes_its_sessions_and_loses_nothing() {
         partitions: 16,
         ..NodeSpec::default()
     };
+    // The first process stops mid-stream however long its stop takes: the stream holds at half
+    // the script, and the stop starts once a third was sent.
+    let total = script_total(&sim);
+    sim.hold_script_at(Some(total / 2));
     let first = NodeProcess::start(dir.path(), &sim, &spec).await;
     crate::harness::wait_for(
-        "a third of the messages",
+        "a third of the script",
         Duration::from_secs(60),
-        async || (sim.status().messages_sent >= 10_000).then_some(()),
+        async || (script_sent(&sim) >= total / 3).then_some(()),
     )
     .await;
     assert!(first.stop().await.success());
     assert!(sim.status().messages_sent < 30_000, "stopped mid-stream");
 
+    sim.hold_script_at(None);
     let second = NodeProcess::start(dir.path(), &sim, &spec).await;
     sim.wait_all_sent(Duration::from_secs(120)).await.unwrap();
     second.wait_caught_up(&sim, Duration::from_secs(60)).await;

@@ -9,7 +9,7 @@ use shardlite::ownership::Topology;
 use shardlite::simulator::{SimConfig, Simulator};
 use shardlite::verify::{Verification, verify};
 
-use crate::harness::{NodeProcess, NodeSpec, TOKEN, command, wait_for};
+use crate::harness::{NodeProcess, NodeSpec, TOKEN, command, script_total, wait_for};
 use crate::s3;
 
 const SHARDS: u32 = 2;
@@ -283,6 +283,10 @@ async fn kill_litestream_child_then_lose_the_disk(name: &str, after_uploads: boo
     let bucket = s3::bucket(name).await;
     let sim = sim(12_000, Some(4_000)).await;
     let spec = spec(&bucket);
+    // The kill must land during ingest however slow the uploads are: the stream starts held at
+    // a quarter and never passes three quarters before the kill.
+    let total = script_total(&sim);
+    sim.hold_script_at(Some(total / 4));
     let node = NodeProcess::start(dir.path(), &sim, &spec).await;
     let first_pid = wait_for("litestream to run", Duration::from_secs(30), async || {
         node.litestream_pid().await
@@ -291,10 +295,13 @@ async fn kill_litestream_child_then_lose_the_disk(name: &str, after_uploads: boo
     if after_uploads {
         wait_for(
             "every partition uploaded",
-            Duration::from_secs(30),
+            Duration::from_secs(60),
             async || {
                 for p in 0..PARTITIONS {
                     if s3::replica_keys(&bucket, p).await?.len() < 2 {
+                        // Keep writes coming (slowly), so the next upload has something new.
+                        let claimed = sim.status().script_claimed;
+                        sim.hold_script_at(Some((claimed + 50).min(total * 3 / 4)));
                         return None;
                     }
                 }
@@ -315,12 +322,11 @@ async fn kill_litestream_child_then_lose_the_disk(name: &str, after_uploads: boo
     )
     .await;
     assert_ne!(first_pid, second_pid);
-    if !after_uploads {
-        assert!(
-            sim.status().messages_sent < 12_000,
-            "the kill happened during ingest"
-        );
-    }
+    assert!(
+        sim.status().messages_sent < 12_000,
+        "the kill happened during ingest"
+    );
+    sim.hold_script_at(None);
     sim.wait_all_sent(Duration::from_secs(120)).await.unwrap();
     node.wait_caught_up(&sim, Duration::from_secs(60)).await;
     assert!(node.stop().await.success());

@@ -46,6 +46,7 @@ pub fn endpoint() -> &'static str {
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null());
             // SAFETY: prctl in the forked child before exec; no memory of the parent is touched.
+            #[allow(unsafe_code)]
             unsafe {
                 cmd.pre_exec(|| {
                     nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)

@@ -9,7 +9,7 @@ use shardlite::ownership::Topology;
 use shardlite::simulator::{SimConfig, Simulator};
 use shardlite::verify::verify;
 
-use crate::harness::{NodeProcess, NodeSpec, wait_for};
+use crate::harness::{NodeProcess, NodeSpec, hold_stream_after, script_total, wait_for};
 use crate::s3;
 
 fn chattr(flag: &str, path: &std::path::Path) {
@@ -25,10 +25,13 @@ fn chattr(flag: &str, path: &std::path::Path) {
 /// missing: an immutable WAL fails p0001's next commit and so its group; once that failure is
 /// logged (the restart is a backoff of seconds away), the flag is lifted and the file, WAL and
 /// shm are deleted.
-async fn lose_p0001_inside_a_group_failure(node: &NodeProcess) {
+async fn lose_p0001_inside_a_group_failure(node: &NodeProcess, sim: &Simulator) {
     let partitions = node.data_dir.join("partitions");
     let wal = partitions.join("p0001.sqlite3-wal");
     chattr("+i", &wal);
+    // The failure needs a commit to p0001, so the stream must move (an eighth of the script is
+    // plenty), but not run out before the test checks that the loss came during ingest.
+    hold_stream_after(sim, script_total(sim) / 8);
     wait_for(
         "the failure of shard group 1",
         Duration::from_secs(30),
@@ -39,9 +42,20 @@ async fn lose_p0001_inside_a_group_failure(node: &NodeProcess) {
         },
     )
     .await;
+    // The database file goes first, while the immutable WAL still fails any reopen: a group
+    // restart that came early cannot open (and keep) the file the test is about to lose.
+    for suffix in ["", "-shm"] {
+        remove_if_exists(&partitions.join(format!("p0001.sqlite3{suffix}")));
+    }
     chattr("-i", &wal);
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(partitions.join(format!("p0001.sqlite3{suffix}")));
+    remove_if_exists(&wal);
+}
+
+fn remove_if_exists(path: &std::path::Path) {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => panic!("remove {}: {e}", path.display()),
     }
 }
 
@@ -63,6 +77,8 @@ async fn a_failing_partition_restarts_its_group_which_resumes_exactly() {
         extra_toml: "[supervision]\nmax_restarts = 50\n".into(),
         ..NodeSpec::default()
     };
+    // The failure must come during ingest: the stream never passes three quarters before it.
+    sim.hold_script_at(Some(script_total(&sim) * 3 / 4));
     let node = NodeProcess::start(dir.path(), &sim, &spec).await;
     wait_for("some progress", Duration::from_secs(30), async || {
         (sim.status().messages_sent > 2_000).then_some(())
@@ -72,6 +88,8 @@ async fn a_failing_partition_restarts_its_group_which_resumes_exactly() {
     // commit fails, and so does every reopen until the flag is removed.
     let wal = node.data_dir.join("partitions/p0001.sqlite3-wal");
     chattr("+i", &wal);
+    // The failure needs a commit to p0001: an eighth of the script more, and no more.
+    hold_stream_after(&sim, script_total(&sim) / 8);
     let restarts = wait_for(
         "shard group 1 to restart",
         Duration::from_secs(30),
@@ -87,6 +105,7 @@ async fn a_failing_partition_restarts_its_group_which_resumes_exactly() {
         sim.status().messages_sent < 20_000,
         "the failure happened during ingest"
     );
+    sim.hold_script_at(None);
     sim.wait_all_sent(Duration::from_secs(60)).await.unwrap();
     node.wait_caught_up(&sim, Duration::from_secs(60)).await;
     let status = node.status().await.unwrap();
@@ -141,21 +160,26 @@ async fn a_partition_file_lost_while_running_is_restored_at_the_group_restart() 
         ),
         ..NodeSpec::default()
     };
+    // The loss must happen during ingest however slow the uploads are: the stream never passes
+    // three quarters of the script before it.
+    let total = script_total(&sim);
+    sim.hold_script_at(Some(total * 3 / 4));
     let node = NodeProcess::start(dir.path(), &sim, &spec).await;
     wait_for(
         "p0001 uploaded to its replica",
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         async || {
             let uploaded = s3::replica_keys(&bucket, 1).await?.len() >= 2;
             (uploaded && sim.status().messages_sent > 2_000).then_some(())
         },
     )
     .await;
-    lose_p0001_inside_a_group_failure(&node).await;
+    lose_p0001_inside_a_group_failure(&node, &sim).await;
     assert!(
         sim.status().messages_sent < 20_000,
         "the loss happened during ingest"
     );
+    sim.hold_script_at(None);
     sim.wait_all_sent(Duration::from_secs(60)).await.unwrap();
     node.wait_caught_up(&sim, Duration::from_secs(60)).await;
     let status = node.status().await.unwrap();
@@ -206,7 +230,9 @@ async fn the_watchdog_restarts_a_silent_shard_that_twilight_still_trusts() {
     let spec = NodeSpec {
         shards: 1,
         partitions: 4,
-        extra_toml: "[supervision]\nshard_silence_timeout_secs = 1\n".into(),
+        // Once the script is over the shard is silent too (no heartbeat ACK for 60 s), and
+        // the watchdog keeps restarting it until the test stops the node: room for those.
+        extra_toml: "[supervision]\nshard_silence_timeout_secs = 1\nmax_restarts = 100\n".into(),
         ..NodeSpec::default()
     };
     let node = NodeProcess::start(dir.path(), &sim, &spec).await;
@@ -256,6 +282,9 @@ async fn a_backpressured_shard_is_not_taken_for_a_silent_one() {
         shards: 1,
         messages: 20_000,
         rate: Some(4_000),
+        // Heartbeat ACKs every 300 ms keep a live shard from looking silent when the script is
+        // over (the watchdog's silence timeout is 1 s here).
+        heartbeat_interval_ms: 300,
         ..SimConfig::default()
     })
     .await
@@ -266,6 +295,9 @@ async fn a_backpressured_shard_is_not_taken_for_a_silent_one() {
         storage_toml: "batch_max = 100\nmax_in_flight = 200\n".into(),
         extra_toml: "[supervision]\nshard_silence_timeout_secs = 1\n".into(),
     };
+    // A quarter of the stream is kept for the lock to hold back, however slow the start was:
+    // the stream holds at three quarters until the lock is taken.
+    sim.hold_script_at(Some(script_total(&sim) * 3 / 4));
     let node = NodeProcess::start(dir.path(), &sim, &spec).await;
     wait_for("some progress", Duration::from_secs(30), async || {
         (sim.status().messages_sent > 2_000).then_some(())
@@ -275,22 +307,28 @@ async fn a_backpressured_shard_is_not_taken_for_a_silent_one() {
     let blocker = rusqlite::Connection::open(&db).unwrap();
     blocker.busy_timeout(Duration::from_secs(5)).unwrap();
     blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
-    wait_for(
-        "shard 0 backpressured",
-        Duration::from_secs(10),
-        async || {
-            let status = node.status().await?;
-            let shard = status.groups.first()?.shard_status.as_ref()?;
-            shard.backpressured.then_some(())
-        },
-    )
-    .await;
-    // The fault itself: the lock stays 2 s more (the status poll above took ≥ 1 s: the blocked
-    // partition answers it only as busy), past the 1 s silence timeout and the 1 s watchdog
-    // period, and well within the node's 5 s busy timeout.
-    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    sim.hold_script_at(None);
+    // The fault itself: the write lock is held for 3 s from BEGIN, past the 1 s silence timeout
+    // and the 1 s watchdog period, and inside the node's 5 s busy timeout (a longer hold would
+    // fail the commit, a different test). Meanwhile /readyz must show the shard backpressured;
+    // each poll takes about 1 s (the blocked partition answers only as busy).
+    let release_at = tokio::time::Instant::now() + Duration::from_secs(3);
+    let mut backpressured = false;
+    while !backpressured && tokio::time::Instant::now() < release_at {
+        let poll = tokio::time::timeout_at(release_at, node.status()).await;
+        backpressured = matches!(poll, Ok(Some(status)) if status
+            .groups
+            .first()
+            .and_then(|g| g.shard_status.as_ref())
+            .is_some_and(|s| s.backpressured));
+    }
+    tokio::time::sleep_until(release_at).await;
     blocker.execute_batch("ROLLBACK").unwrap();
     drop(blocker);
+    assert!(
+        backpressured,
+        "shard 0 was reported backpressured while p0000 was locked"
+    );
     sim.wait_all_sent(Duration::from_secs(60)).await.unwrap();
     node.wait_caught_up(&sim, Duration::from_secs(60)).await;
     let status = node.status().await.unwrap();
@@ -333,7 +371,7 @@ async fn without_a_replica_a_lost_partition_file_stops_the_node_naming_it() {
     })
     .await;
     let partitions = node.data_dir.join("partitions");
-    lose_p0001_inside_a_group_failure(&node).await;
+    lose_p0001_inside_a_group_failure(&node, &sim).await;
     let stderr_path = node.dir.join("stderr.log");
     let exit = node.wait_exit(Duration::from_secs(60)).await;
     let stderr = std::fs::read_to_string(stderr_path).unwrap();
