@@ -42,6 +42,10 @@ pub const NON_CONFIG_ENV: &[&str] = &["SHARDLITE_API_TOKEN", "SHARDLITE_CONFIG",
 /// The only source of the Discord bot token (DESIGN §12).
 pub const TOKEN_ENV: &str = "DISCORD_TOKEN";
 
+/// Secrets of shardlite's own that it reads from the environment. Child processes that do not
+/// need them (Litestream, a local S3 server) never inherit them.
+pub const SECRET_ENV: &[&str] = &[TOKEN_ENV, "SHARDLITE_API_TOKEN"];
+
 /// Kubernetes pod ordinal variable (→ `cluster.ordinal`): a number or a StatefulSet pod name.
 pub const POD_ORDINAL_ENV: &str = "POD_ORDINAL";
 

@@ -380,7 +380,11 @@ impl LocalS3 {
             .and_then(|l| l.local_addr())
             .map_err(|e| DemoError::LocalS3(format!("no free port: {e}")))?
             .port();
-        let child = tokio::process::Command::new(&bin)
+        let mut cmd = tokio::process::Command::new(&bin);
+        for key in crate::config::SECRET_ENV {
+            cmd.env_remove(key);
+        }
+        let child = cmd
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())

@@ -39,8 +39,6 @@
 //! - **replica / restore**: a partition's copy in object storage (Litestream) / bringing it back.
 //! - **lease / epoch**: the right to write a partition, and its generation number (DESIGN §7).
 
-#![warn(missing_docs)]
-
 pub mod cli;
 pub mod config;
 pub mod demo;

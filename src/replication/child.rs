@@ -213,13 +213,10 @@ impl LitestreamState {
     fn spawn(&mut self, myself: &ActorRef<LitestreamMsg>) -> Result<(), ActorProcessingErr> {
         self.generation += 1;
         let generation = self.generation;
-        let mut cmd = tokio::process::Command::new(&self.args.bin);
+        let mut cmd = super::litestream_command(&self.args.bin);
         cmd.arg("replicate")
             .arg("-config")
             .arg(&self.args.config_file)
-            // Breaks every S3 call of Litestream's AWS SDK (measured); never meant for it.
-            .env_remove("AWS_CA_BUNDLE")
-            .stdin(std::process::Stdio::null())
             // Litestream logs to stdout; ours is for command output, so its log joins our log.
             .stdout(std::io::stderr());
         // SAFETY: `pre_exec` runs in the forked child before exec; prctl(PR_SET_PDEATHSIG) is
@@ -377,14 +374,12 @@ impl ReplicaSync {
                     // Each attempt gets what is left of the bound (Litestream's -timeout is
                     // whole seconds, at least 1), so retries never stretch it.
                     let left = deadline.saturating_duration_since(Instant::now());
-                    let out = tokio::process::Command::new(&bin)
+                    let out = super::litestream_command(&bin)
                         .args(["sync", "-wait", "-timeout"])
                         .arg(left.as_secs().max(1).to_string())
                         .arg("-socket")
                         .arg(&socket)
                         .arg(&db)
-                        .env_remove("AWS_CA_BUNDLE")
-                        .stdin(std::process::Stdio::null())
                         .stdout(std::process::Stdio::null())
                         .stderr(std::process::Stdio::piped())
                         .kill_on_drop(true)

@@ -11,11 +11,25 @@ pub mod child;
 pub mod litestream_config;
 pub mod restore;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::config::{Config, ReplicationMode};
+use crate::config::{Config, ReplicationMode, SECRET_ENV};
 use crate::ownership::PartitionId;
+
+/// A `litestream` command with the environment Litestream may see: the S3 credentials it reads
+/// itself (`AWS_*`, `LITESTREAM_*`) pass; shardlite's own secrets ([`SECRET_ENV`]) do not, nor
+/// does `AWS_CA_BUNDLE`, which breaks every S3 call of Litestream's AWS SDK ("unable to add
+/// custom RootCAs HTTPClient", measured with 0.5.17). Stdin is closed.
+pub fn litestream_command(bin: &Path) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.env_remove("AWS_CA_BUNDLE")
+        .stdin(std::process::Stdio::null());
+    for key in SECRET_ENV {
+        cmd.env_remove(key);
+    }
+    cmd
+}
 
 /// Errors of replication and restore. Each names the partition or path involved.
 #[derive(Debug, thiserror::Error)]
@@ -132,4 +146,27 @@ pub async fn prepare(
         config_file,
         outcomes,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn litestream_never_inherits_our_secrets_or_the_ca_bundle() {
+        let cmd = litestream_command(Path::new("litestream"));
+        let removed: Vec<String> = cmd
+            .as_std()
+            .get_envs()
+            .filter(|(_, value)| value.is_none())
+            .map(|(key, _)| key.to_string_lossy().into_owned())
+            .collect();
+        for key in ["DISCORD_TOKEN", "SHARDLITE_API_TOKEN", "AWS_CA_BUNDLE"] {
+            assert!(removed.iter().any(|k| k == key), "{key} in {removed:?}");
+        }
+        assert!(
+            !removed.iter().any(|k| k.starts_with("AWS_ACCESS")),
+            "S3 credentials pass: {removed:?}"
+        );
+    }
 }

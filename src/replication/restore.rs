@@ -212,12 +212,10 @@ async fn restore_one(
     // Our own leftover from an interrupted restore; it never held the partition.
     remove_if_exists(&tmp)?;
     let timeout = Duration::from_secs(config.replication.restore_timeout_secs);
-    let mut cmd = tokio::process::Command::new(&config.replication.litestream_bin);
+    let mut cmd = super::litestream_command(&config.replication.litestream_bin);
     cmd.args(["restore", "-if-replica-exists", "-o"])
         .arg(&tmp)
         .arg(replica_url(config, partition))
-        .env_remove("AWS_CA_BUNDLE")
-        .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
