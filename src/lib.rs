@@ -10,8 +10,10 @@
 //! | [`cli`] | clap definitions only |
 //! | [`config`] | the typed config tree: figment sources, validation, redaction (DESIGN §11) |
 //! | [`ownership`] | pure functions guild → partition → shard → pod, and rescaling plans (DESIGN §2) |
-//! | [`node`] | the actor tree: root supervisor, shard groups, shard (twilight pump), partitions (DESIGN §3) |
-//! | [`store`] | one partition's SQLite file: schema, dispatch → rows, applied sequence (DESIGN §4–5) |
+//! | [`supervision`] | the one restart policy every supervisor uses: intensity and backoff (DESIGN §3) |
+//! | [`node`] | the actor tree: root supervisor, the Litestream child actor, shard groups, shard (twilight pump), partitions (DESIGN §3) |
+//! | [`store`] | one partition's SQLite file: schema, dispatch → rows, applied sequence, file checks (DESIGN §4–5) |
+//! | [`replication`] | `litestream.yml` rendering, restore before open, forced syncs and signals of the Litestream process — no actors (DESIGN §6) |
 //! | [`http`] | health and readiness endpoints (DESIGN §8) |
 //! | [`simulator`] | the in-tree Discord gateway, a library for tests, benches and the demo (DESIGN §10) |
 //! | [`run`] | `shardlite run` and `shardlite simulate`: a process until it is told to stop |
@@ -19,7 +21,9 @@
 //! | [`verify`] | exactly-once verification of partition files against the simulator's record |
 //!
 //! Dependencies point one way: `ownership` and `config` use nothing of ours; `store` knows nothing
-//! of actors or sockets; `node` uses `store` and `ownership`; `simulator` uses none of them.
+//! of actors or sockets; `replication` knows no actors (it uses `config`, `ownership`, `store`);
+//! `supervision` is neutral, a policy any supervisor may use without knowing the others; `node`
+//! uses `store`, `ownership`, `replication` and `supervision`; `simulator` uses none of them.
 //!
 //! # Glossary
 //! - **shard**: one gateway connection; Discord sends a guild's events only to shard
@@ -49,6 +53,7 @@ pub mod replication;
 pub mod run;
 pub mod simulator;
 pub mod store;
+pub mod supervision;
 pub mod verify;
 
 /// An error and its causes on one line, outermost first:

@@ -2,19 +2,20 @@
 //!
 //! ```text
 //! NodeActor (root supervisor)            root.rs
+//! ├── LitestreamActor (child mode)      litestream.rs    `litestream replicate`, restart policy
 //! └── ShardGroupActor ×owned shards     shard_group.rs   one-for-all, restart policy
 //!     ├── ShardActor                    shard.rs         twilight Shard in a pump task
 //!     └── PartitionActor ×(P/S)         partition.rs     one SQLite file each
 //! ```
-//! Every supervisor uses [`restart::RestartTracker`]; none relies on ractor's default, which stops
-//! the parent on any child exit.
+//! Every supervisor uses [`crate::supervision::RestartTracker`]; none relies on ractor's default,
+//! which stops the parent on any child exit.
 
 pub mod dead_letter;
 pub mod discord;
 pub mod identify_queue;
+pub mod litestream;
 pub mod metrics;
 pub mod partition;
-pub mod restart;
 pub mod root;
 pub mod shard;
 pub mod shard_group;
@@ -28,13 +29,11 @@ use twilight_gateway::{ConfigBuilder, Intents};
 
 use crate::config::{Config, ReplicationMode};
 use crate::ownership::{PartitionId, Topology};
-use crate::replication::{
-    self,
-    child::{LitestreamArgs, ReplicaSync},
-};
+use crate::replication::{self, process::ReplicaSync};
 use crate::store::{Checkpointer, PartitionStore};
+use crate::supervision::RestartPolicy;
 use identify_queue::IdentifyQueue;
-use restart::RestartPolicy;
+use litestream::LitestreamArgs;
 pub use root::NodeStatus;
 use root::{NodeActor, NodeArgs, NodeMsg};
 
@@ -182,7 +181,7 @@ impl Node {
         if config.replication.mode == ReplicationMode::Child {
             // Before restore touches any file: a previous run's Litestream may still be making
             // its final sync, and two processes on one replica path corrupt it.
-            replication::child::stop_leftover(&pid_file).await;
+            replication::process::stop_leftover(&pid_file).await;
         }
         let prepared = replication::prepare(&config, &owned).await?;
         if prepared.is_some() {
@@ -208,7 +207,7 @@ impl Node {
         // Litestream's final sync on stop comes on top of the tree's own drain.
         let shutdown_timeout = Duration::from_secs(config.supervision.shutdown_timeout_secs)
             + if litestream.is_some() {
-                replication::child::STOP_BOUND + Duration::from_secs(10)
+                replication::process::STOP_BOUND + Duration::from_secs(10)
             } else {
                 Duration::ZERO
             };

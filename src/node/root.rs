@@ -8,14 +8,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SpawnErr, SupervisionEvent};
 
-use super::NodeContext;
+use super::litestream::{LitestreamActor, LitestreamArgs, LitestreamMsg, LitestreamStatus};
 use super::shard::ShardPhase;
 use super::shard_group::{GroupStatus, ShardGroupActor, ShardGroupArgs, ShardGroupMsg};
-use crate::replication::child::{
-    LitestreamActor, LitestreamArgs, LitestreamMsg, LitestreamStatus, STOP_BOUND,
-};
+use super::{NodeContext, NodeError};
+use crate::replication::process::STOP_BOUND;
 
 /// Bound on one group's status answer.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
@@ -89,7 +88,13 @@ impl Actor for NodeActor {
             Some(ls) => Some(
                 Actor::spawn_linked(None, LitestreamActor, ls, myself.get_cell())
                     .await
-                    .map_err(|e| format!("litestream: {e}"))?
+                    .map_err(|e| match e {
+                        // The child's own error, with its causes (which ractor's text leaves out).
+                        SpawnErr::StartupFailed(e) => {
+                            format!("litestream: {}", crate::error_chain(e.as_ref()))
+                        }
+                        e => format!("litestream: {e}"),
+                    })?
                     .0,
             ),
             None => None,
@@ -151,9 +156,9 @@ impl Actor for NodeActor {
                     let outcome =
                         super::call(ls, LitestreamMsg::Stop, STOP_BOUND + Duration::from_secs(5))
                             .await
-                            .map_err(|e| e.to_string())
-                            .and_then(|r| r);
+                            .and_then(|r| r.map_err(NodeError::from));
                     if let Err(e) = outcome {
+                        let e = crate::error_chain(&e);
                         tracing::error!(error = %e, "litestream did not confirm the final state");
                         // A stop that may not have replicated everything is not a clean stop.
                         *state.failure.lock().expect("not poisoned") =
@@ -175,7 +180,7 @@ impl Actor for NodeActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         let reason = match evt {
-            SupervisionEvent::ActorFailed(_, err) => err.to_string(),
+            SupervisionEvent::ActorFailed(_, err) => crate::error_chain(err.as_ref()),
             SupervisionEvent::ActorTerminated(cell, _, reason) => {
                 format!(
                     "{:?} stopped: {}",

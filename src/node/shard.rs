@@ -166,7 +166,7 @@ pub struct ShardArgs {
 #[derive(Clone, Debug)]
 pub struct SessionSync {
     /// The Litestream child's control socket.
-    pub sync: crate::replication::child::ReplicaSync,
+    pub sync: crate::replication::process::ReplicaSync,
     /// The shard's partition files, absolute, as in the rendered `litestream.yml`.
     pub files: Vec<std::path::PathBuf>,
 }

@@ -14,13 +14,13 @@ use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, Super
 use tokio::sync::Semaphore;
 
 use super::NodeContext;
+use super::litestream::LitestreamMsg;
 use super::partition::{FileLock, PartitionActor, PartitionArgs, PartitionMsg, PartitionStatus};
-use super::restart::{Decision, RestartTracker};
 use super::shard::{FATAL_PREFIX, SessionSync, ShardActor, ShardArgs, ShardMsg, ShardStatus};
 use crate::ownership::PartitionId;
-use crate::replication::child::{LitestreamMsg, STOP_BOUND};
-use crate::replication::restore::{FileHealth, file_health};
-use crate::store::{AppliedSession, PartitionStore};
+use crate::replication::process::STOP_BOUND;
+use crate::store::{AppliedSession, FileHealth, PartitionStore, file_health};
+use crate::supervision::{Decision, RestartTracker};
 
 /// Bound on one child's answer to a status or drain request.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -138,6 +138,7 @@ impl Actor for ShardGroupActor {
                         Err(e) => Err(e),
                     };
                     if let Err(e) = started {
+                        let e = crate::error_chain(e.as_ref());
                         tracing::warn!(shard = state.shard_id, error = %e, "shard group restart failed");
                         // A restart that cannot start counts as one more failure of the group.
                         let reason = format!("restart failed: {e}");
@@ -281,9 +282,8 @@ impl ShardGroupState {
         let timeout = Duration::from_secs(self.ctx.config.replication.restore_timeout_secs)
             * u32::try_from(rounds).unwrap_or(u32::MAX)
             + STOP_BOUND;
-        let outcomes = super::call(litestream, |r| LitestreamMsg::Restore(bad, r), timeout)
-            .await
-            .map_err(|e| crate::error_chain(&e))??;
+        let outcomes =
+            super::call(litestream, |r| LitestreamMsg::Restore(bad, r), timeout).await??;
         for o in outcomes {
             tracing::info!(shard = self.shard_id, partition = %o.partition, decision = ?o.decision,
                 moved_aside = ?o.moved_aside, "partition restored at group restart");

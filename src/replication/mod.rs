@@ -1,14 +1,15 @@
 //! Replication and restore with Litestream (DESIGN §6): the rendered `litestream.yml`, restore
-//! before open, and the supervised `litestream replicate` child.
+//! before open, and the Litestream process (forced syncs, signals, a previous run's leftover).
+//! No actors: the node supervises the `litestream replicate` child (`node::litestream`).
 //!
 //! | mode | shardlite renders the file | restores before open | runs `litestream replicate` |
 //! |---|---|---|---|
-//! | `child` | yes | yes | yes, supervised ([`child::LitestreamActor`]) |
+//! | `child` | yes | yes | yes, supervised by the node (`node::litestream::LitestreamActor`) |
 //! | `external` | yes | yes | no: a sidecar runs it with the same file |
 //! | `off` | no | no | no |
 
-pub mod child;
 pub mod litestream_config;
+pub mod process;
 pub mod restore;
 
 use std::path::{Path, PathBuf};
@@ -31,7 +32,8 @@ pub fn litestream_command(bin: &Path) -> tokio::process::Command {
     cmd
 }
 
-/// Errors of replication and restore. Each names the partition or path involved.
+/// Errors of replication, restore and the Litestream process. Each names the partition, path or
+/// count involved, where there is one.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {
     /// The object store did not answer at all.
@@ -106,6 +108,28 @@ pub enum ReplicationError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// `litestream replicate` could not be started.
+    #[error("cannot start {bin} replicate")]
+    SpawnReplicate {
+        /// The executable.
+        bin: PathBuf,
+        #[source]
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// Forced syncs (`litestream sync -wait`) could not confirm every partition on the replica.
+    #[error("{failed} of {total} partitions could not be confirmed on the replica {purpose}")]
+    SyncUnconfirmed {
+        /// Partitions not confirmed.
+        failed: usize,
+        /// Partitions asked for.
+        total: usize,
+        /// When the syncs were forced (`before stop`, `at session start`, …).
+        purpose: &'static str,
+    },
+    /// A restore was asked of the Litestream child while it stops with the node.
+    #[error("litestream is stopping; no restore")]
+    Stopping,
 }
 
 /// What [`prepare`] set up.

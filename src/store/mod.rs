@@ -11,6 +11,7 @@
 //! durable together or not at all.
 
 mod apply;
+pub mod health;
 mod queries;
 mod schema;
 
@@ -23,6 +24,7 @@ use twilight_model::gateway::event::DispatchEvent;
 
 use crate::ownership::PartitionId;
 
+pub use health::{FileHealth, file_health};
 pub use queries::{GuildCounts, TableCounts};
 pub use schema::{MigrateError, SCHEMA_VERSION};
 

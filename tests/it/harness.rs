@@ -264,7 +264,7 @@ impl NodeProcess {
         let mut child = self.child.take().unwrap();
         let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
         assert!(killed.success(), "kill -TERM {pid}");
-        // The node's own bound on a graceful stop is `replication::child::STOP_BOUND` (70 s).
+        // The node's own bound on a graceful stop is `replication::process::STOP_BOUND` (70 s).
         wait_for(
             "shardlite run to exit",
             Duration::from_secs(90),

@@ -1,37 +1,32 @@
-//! The Litestream child actor (`replication.mode = "child"`): runs `litestream replicate`, restarts
-//! it with backoff when it exits, and stops it last on shutdown so its final sync completes.
+//! The supervised `litestream replicate` child actor (`replication.mode = "child"`): runs
+//! Litestream, restarts it with backoff when it exits, and stops it last on shutdown so its final
+//! sync completes.
 //!
 //! Two Litestream processes replicating one replica path corrupt it without a warning (measured),
 //! so the child must never outlive us: it gets SIGTERM when shardlite dies (Linux parent-death
 //! signal), its pid is kept in `data_dir/litestream.pid`, and a new start first stops a previous
-//! run's child still found there.
+//! run's child still found there ([`stop_leftover`](crate::replication::process::stop_leftover)).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::watch;
 
-use super::litestream_config::{SHUTDOWN_SYNC_TIMEOUT_SECS, absolute_data_dir};
-use super::restore::{Outcome, restore_before_open};
 use crate::config::Config;
-use crate::node::restart::{Decision, RestartPolicy, RestartTracker};
 use crate::ownership::PartitionId;
+use crate::replication::litestream_config::{SHUTDOWN_SYNC_TIMEOUT_SECS, absolute_data_dir};
+use crate::replication::process::{ReplicaSync, signal};
+use crate::replication::restore::{Outcome, restore_before_open};
+use crate::replication::{ReplicationError, litestream_command};
 use crate::store::PartitionStore;
+use crate::supervision::{Decision, RestartPolicy, RestartTracker};
 
 /// How long a stopped child may take beyond Litestream's own shutdown-sync-timeout before it is
 /// killed.
 const STOP_SLACK: Duration = Duration::from_secs(5);
-/// Pause between attempts to reach a control socket that is not listening yet.
-const SOCKET_RETRY: Duration = Duration::from_millis(100);
-/// How long a previous run's leftover child gets to exit after SIGTERM.
-const LEFTOVER_GRACE: Duration = Duration::from_secs(SHUTDOWN_SYNC_TIMEOUT_SECS + 5);
-/// Longest a stop can take: the forced syncs (each bounded by Litestream's `-timeout`), then
-/// Litestream's own shutdown-sync-timeout, plus slack.
-pub const STOP_BOUND: Duration = Duration::from_secs(2 * SHUTDOWN_SYNC_TIMEOUT_SECS + 10);
 
 /// Messages of [`LitestreamActor`].
 pub enum LitestreamMsg {
@@ -41,7 +36,7 @@ pub enum LitestreamMsg {
     Restart(u64),
     /// Force a sync of every partition, SIGTERM the child and wait for it (bounded), then reply
     /// with an error if any partition could not be confirmed on the replica.
-    Stop(RpcReplyPort<Result<(), String>>),
+    Stop(RpcReplyPort<Result<(), ReplicationError>>),
     /// The current child's pid and restart count.
     Status(RpcReplyPort<LitestreamStatus>),
     /// Restore these partitions from their replicas while the node runs (a shard group found
@@ -49,7 +44,10 @@ pub enum LitestreamMsg {
     /// stop the child, so no Litestream holds the old file or its metadata; restore as at start
     /// ([`restore_before_open`]: bad files moved aside, never deleted); start the child again.
     /// Replies with the outcomes, or the restore error.
-    Restore(Vec<PartitionId>, RpcReplyPort<Result<Vec<Outcome>, String>>),
+    Restore(
+        Vec<PartitionId>,
+        RpcReplyPort<Result<Vec<Outcome>, ReplicationError>>,
+    ),
 }
 
 /// What the actor reports.
@@ -175,7 +173,7 @@ impl Actor for LitestreamActor {
             LitestreamMsg::Restore(partitions, reply) => {
                 if state.stopping {
                     // The node is shutting down: no file changes and no new child now.
-                    let _ = reply.send(Err("litestream is stopping; no restore".into()));
+                    let _ = reply.send(Err(ReplicationError::Stopping));
                     return Ok(());
                 }
                 if reply.is_closed() {
@@ -210,10 +208,10 @@ impl Actor for LitestreamActor {
 }
 
 impl LitestreamState {
-    fn spawn(&mut self, myself: &ActorRef<LitestreamMsg>) -> Result<(), ActorProcessingErr> {
+    fn spawn(&mut self, myself: &ActorRef<LitestreamMsg>) -> Result<(), ReplicationError> {
         self.generation += 1;
         let generation = self.generation;
-        let mut cmd = super::litestream_command(&self.args.bin);
+        let mut cmd = litestream_command(&self.args.bin);
         cmd.arg("replicate")
             .arg("-config")
             .arg(&self.args.config_file)
@@ -229,7 +227,10 @@ impl LitestreamState {
         }
         let mut child = cmd
             .spawn()
-            .map_err(|e| format!("cannot start {} replicate: {e}", self.args.bin.display()))?;
+            .map_err(|source| ReplicationError::SpawnReplicate {
+                bin: self.args.bin.clone(),
+                source,
+            })?;
         self.pid = child.id();
         self.guard.0 = self.pid;
         if let Some(pid) = self.pid
@@ -257,7 +258,7 @@ impl LitestreamState {
     /// The forced sync is what makes a graceful stop lose nothing: measured with Litestream
     /// 0.5.17, a SIGTERM shortly after start exits at once, before the first snapshot of a new
     /// database was uploaded.
-    async fn stop(&mut self) -> Result<(), String> {
+    async fn stop(&mut self) -> Result<(), ReplicationError> {
         self.stop_syncing(self.args.dbs.clone(), "before stop")
             .await
     }
@@ -267,7 +268,7 @@ impl LitestreamState {
         &mut self,
         dbs: Vec<PathBuf>,
         purpose: &'static str,
-    ) -> Result<(), String> {
+    ) -> Result<(), ReplicationError> {
         let Some(pid) = self.pid.take() else {
             return Ok(());
         };
@@ -307,7 +308,10 @@ impl LitestreamState {
 impl LitestreamState {
     /// See [`LitestreamMsg::Restore`]: stops the child and restores; the caller starts the child
     /// again.
-    async fn restore(&mut self, partitions: &[PartitionId]) -> Result<Vec<Outcome>, String> {
+    async fn restore(
+        &mut self,
+        partitions: &[PartitionId],
+    ) -> Result<Vec<Outcome>, ReplicationError> {
         let data_dir = absolute_data_dir(&self.args.config);
         let restoring: Vec<PathBuf> = partitions
             .iter()
@@ -324,148 +328,6 @@ impl LitestreamState {
             // Not fatal: the other files are intact locally and the next child uploads them.
             tracing::warn!(error = %e, "restoring with some partitions not confirmed on the replica");
         }
-        restore_before_open(&self.args.config, partitions)
-            .await
-            .map_err(|e| crate::error_chain(&e))
-    }
-}
-
-/// Forces uploads through a running Litestream's control socket (`litestream sync -wait`), so a
-/// caller can wait until the replica holds what a partition file had committed.
-///
-/// Works against any `litestream replicate` that serves the rendered config's socket; shardlite
-/// uses it for its own child (stop, and each new gateway session: DESIGN §5).
-#[derive(Clone, Debug)]
-pub struct ReplicaSync {
-    bin: PathBuf,
-    socket: PathBuf,
-}
-
-impl ReplicaSync {
-    /// A syncer that runs the Litestream executable `bin` against the control socket `socket`.
-    pub fn new(bin: &Path, socket: &Path) -> Self {
-        Self {
-            bin: bin.to_owned(),
-            socket: socket.to_owned(),
-        }
-    }
-
-    /// Runs `litestream sync -wait` for each of `dbs` (partition file paths, as in the rendered
-    /// config) at once: returns when the replica holds what each file had committed when the call
-    /// began, or `Err` naming how many could not be confirmed.
-    ///
-    /// Each file's sync is bounded by `timeout` (Litestream's `-timeout`, whole seconds, at least
-    /// 1), including retries while the socket does not answer yet: Litestream opens it a few
-    /// hundred milliseconds after it starts or restarts. `purpose` only labels the log lines.
-    pub async fn sync_wait(
-        &self,
-        dbs: Vec<PathBuf>,
-        timeout: Duration,
-        purpose: &'static str,
-    ) -> Result<(), String> {
-        let started = Instant::now();
-        let total = dbs.len();
-        let deadline = Instant::now() + timeout.max(Duration::from_secs(1));
-        let mut tasks = tokio::task::JoinSet::new();
-        for db in dbs {
-            let (bin, socket) = (self.bin.clone(), self.socket.clone());
-            tasks.spawn(async move {
-                loop {
-                    // Each attempt gets what is left of the bound (Litestream's -timeout is
-                    // whole seconds, at least 1), so retries never stretch it.
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    let out = super::litestream_command(&bin)
-                        .args(["sync", "-wait", "-timeout"])
-                        .arg(left.as_secs().max(1).to_string())
-                        .arg("-socket")
-                        .arg(&socket)
-                        .arg(&db)
-                        .stdout(std::process::Stdio::null())
-                        .stderr(std::process::Stdio::piped())
-                        .kill_on_drop(true)
-                        .output()
-                        .await;
-                    let retry = matches!(&out, Ok(o) if !o.status.success()
-                        && String::from_utf8_lossy(&o.stderr).contains("control socket"));
-                    if !retry || Instant::now() > deadline {
-                        return (db, out);
-                    }
-                    tokio::time::sleep(SOCKET_RETRY).await;
-                }
-            });
-        }
-        let mut failed = 0;
-        while let Some(joined) = tasks.join_next().await {
-            match joined {
-                Ok((_, Ok(out))) if out.status.success() => {}
-                Ok((db, Ok(out))) => {
-                    failed += 1;
-                    tracing::warn!(db = %db.display(), purpose,
-                        stderr = %String::from_utf8_lossy(&out.stderr).trim(), "litestream sync failed");
-                }
-                Ok((db, Err(e))) => {
-                    failed += 1;
-                    tracing::warn!(db = %db.display(), purpose, error = %e, "cannot run litestream sync");
-                }
-                Err(e) => {
-                    failed += 1;
-                    tracing::warn!(purpose, error = %e, "litestream sync task failed");
-                }
-            }
-        }
-        let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        tracing::info!(
-            dbs = total,
-            failed,
-            millis,
-            purpose,
-            "forced litestream sync"
-        );
-        if failed == 0 {
-            Ok(())
-        } else {
-            Err(format!(
-                "{failed} of {total} partitions could not be confirmed on the replica {purpose}"
-            ))
-        }
-    }
-}
-
-fn signal(pid: u32, sig: Signal) {
-    if let Ok(pid) = i32::try_from(pid)
-        && let Err(e) = kill(Pid::from_raw(pid), sig)
-    {
-        tracing::debug!(pid, ?sig, error = %e, "signal not delivered (process gone)");
-    }
-}
-
-/// Stops a Litestream left running by a previous run of this pod (pid file present, process
-/// alive and named litestream), so two never replicate the same files. Waits up to its
-/// shutdown-sync-timeout plus slack for its final sync, then kills it. Must run before restore
-/// touches any partition file.
-pub async fn stop_leftover(pid_file: &Path) {
-    let Ok(text) = std::fs::read_to_string(pid_file) else {
-        return;
-    };
-    let Ok(pid) = text.trim().parse::<u32>() else {
-        return;
-    };
-    let is_litestream = || {
-        std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "litestream")
-    };
-    if !is_litestream() {
-        return;
-    }
-    tracing::warn!(
-        pid,
-        "a previous run's litestream is still running; stopping it first"
-    );
-    signal(pid, Signal::SIGTERM);
-    let deadline = Instant::now() + LEFTOVER_GRACE;
-    while is_litestream() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    if is_litestream() {
-        signal(pid, Signal::SIGKILL);
+        restore_before_open(&self.args.config, partitions).await
     }
 }
