@@ -129,7 +129,15 @@ pub struct ClusterConfig {
     /// `http://gateway-{ordinal}.gateway-internal:3000`. Must contain `{ordinal}`; `http://` or
     /// `https://`, no trailing `/`.
     pub peer_url_template: String,
+    /// How long a partition lease stays valid without a renewal, seconds, default 60 (DESIGN §7).
+    /// The holder renews every third of it and stops writing a partition whose lease it could
+    /// not renew before it runs out. With replication on, the renewals (partitions × 3 / TTL per
+    /// second) must stay within 5 % of `replication.request_budget_per_sec`.
+    pub lease_ttl_secs: u64,
 }
+
+/// Share of `replication.request_budget_per_sec` that lease renewals may spend, in percent.
+pub const LEASE_BUDGET_PERCENT: u64 = 5;
 
 impl Default for ClusterConfig {
     fn default() -> Self {
@@ -138,6 +146,7 @@ impl Default for ClusterConfig {
             ordinal: 0,
             partitions: 64,
             peer_url_template: "http://gateway-{ordinal}.gateway-internal:3000".to_owned(),
+            lease_ttl_secs: 60,
         }
     }
 }
@@ -570,6 +579,16 @@ impl Config {
                 "must be a non-empty bucket name without '/'",
             ));
         }
+        if c.pods > 1 && r.mode == ReplicationMode::Off {
+            return Err(invalid(
+                "cluster.pods",
+                c.pods,
+                "must be 1 when replication.mode = \"off\": a shard moved to another pod takes its \
+                 data along only through the object store, and only the store's leases can keep \
+                 two pods from writing one partition (DESIGN §7)",
+            ));
+        }
+        at_least_one("cluster.lease_ttl_secs", c.lease_ttl_secs)?;
         if r.mode != ReplicationMode::Off {
             if r.bucket.is_none() {
                 return Err(invalid(
@@ -603,6 +622,23 @@ impl Config {
                         c.partitions,
                         r.sync_interval_ms,
                         demand as f64 / r.sync_interval_ms as f64,
+                    ),
+                ));
+            }
+            // Each partition's lease is renewed three times per TTL (DESIGN §7): P·3/TTL req/s,
+            // at most LEASE_BUDGET_PERCENT of the budget.
+            let renewals = u64::from(c.partitions) * 3 * 100;
+            if renewals > budget * LEASE_BUDGET_PERCENT * c.lease_ttl_secs {
+                let minimum = renewals.div_ceil(budget * LEASE_BUDGET_PERCENT);
+                return Err(invalid(
+                    "cluster.lease_ttl_secs",
+                    c.lease_ttl_secs,
+                    format!(
+                        "must be at least {minimum} s: renewing {} partition leases three times \
+                         per TTL needs {:.1} requests/s, over {LEASE_BUDGET_PERCENT} % of \
+                         replication.request_budget_per_sec = {budget}",
+                        c.partitions,
+                        (u64::from(c.partitions) * 3) as f64 / c.lease_ttl_secs as f64,
                     ),
                 ));
             }
@@ -1067,6 +1103,15 @@ mod tests {
             ("cluster.pods", |c| c.cluster.pods = 0),
             ("cluster.pods", |c| c.cluster.pods = 2),
             ("cluster.ordinal", |c| c.cluster.ordinal = 1),
+            ("cluster.pods", |c| {
+                c.discord.shards = 4;
+                c.cluster.pods = 2;
+            }),
+            ("cluster.lease_ttl_secs", |c| c.cluster.lease_ttl_secs = 0),
+            ("cluster.lease_ttl_secs", |c| {
+                replicating(c);
+                c.cluster.lease_ttl_secs = 30;
+            }),
             ("cluster.peer_url_template", |c| {
                 c.cluster.peer_url_template = "http://gw:3000".into()
             }),
@@ -1159,6 +1204,26 @@ mod tests {
                 "{msg}"
             );
         }
+        assert!(
+            rejected(|c| {
+                c.discord.shards = 4;
+                c.cluster.pods = 2;
+            })
+            .to_string()
+            .starts_with(
+                "invalid config: cluster.pods = 2: must be 1 when replication.mode = \"off\""
+            )
+        );
+        assert_eq!(
+            rejected(|c| {
+                replicating(c);
+                c.cluster.lease_ttl_secs = 30;
+            })
+            .to_string(),
+            "invalid config: cluster.lease_ttl_secs = 30: must be at least 39 s: renewing 64 \
+             partition leases three times per TTL needs 6.4 requests/s, over 5 % of \
+             replication.request_budget_per_sec = 100"
+        );
         assert_eq!(
             rejected(|c| c.cluster.partitions = 48).to_string(),
             "invalid config: cluster.partitions = 48: must be a power of two (1, 2, 4, 8, …)"

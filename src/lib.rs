@@ -14,6 +14,7 @@
 //! | [`node`] | the actor tree: root supervisor, the Litestream child actor, shard groups, shard (twilight pump), partitions (DESIGN §3) |
 //! | [`store`] | one partition's SQLite file: schema, dispatch → rows, applied sequence, file checks (DESIGN §4–5) |
 //! | [`replication`] | `litestream.yml` rendering, restore before open, forced syncs and signals of the Litestream process — no actors (DESIGN §6) |
+//! | [`cluster`] | one writer per partition: partition leases on S3 conditional writes, the store's capability check, the data-dir lock and recorded partition count — no actors (DESIGN §7) |
 //! | [`http`] | health and readiness endpoints (DESIGN §8) |
 //! | [`simulator`] | the in-tree Discord gateway, a library for tests, benches and the demo (DESIGN §10) |
 //! | [`run`] | `shardlite run` and `shardlite simulate`: a process until it is told to stop |
@@ -22,8 +23,10 @@
 //!
 //! Dependencies point one way: `ownership` and `config` use nothing of ours; `store` knows nothing
 //! of actors or sockets; `replication` knows no actors (it uses `config`, `ownership`, `store`);
-//! `supervision` is neutral, a policy any supervisor may use without knowing the others; `node`
-//! uses `store`, `ownership`, `replication` and `supervision`; `simulator` uses none of them.
+//! `cluster` knows no actors (it uses `config`, `ownership`); `supervision` is neutral, a policy
+//! any supervisor may use without knowing the others; `node` uses `store`, `ownership`,
+//! `replication` and `supervision`; `run` drives `cluster` around the node; `simulator` uses none
+//! of them.
 //!
 //! # Glossary
 //! - **shard**: one gateway connection; Discord sends a guild's events only to shard
@@ -44,6 +47,7 @@
 //! - **lease / epoch**: the right to write a partition, and its generation number (DESIGN §7).
 
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod http;

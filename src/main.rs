@@ -52,7 +52,7 @@ async fn dispatch(command: Command) -> ExitCode {
             }
             match run::run(config, args.ready_file, shutdown_signal()).await {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(1, &chain(&e)),
+                Err(e) => fail(e.exit_code(), &chain(&e)),
             }
         }
         Command::Demo(args) => match demo::run(&args).await {

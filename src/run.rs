@@ -1,12 +1,17 @@
 //! `shardlite run`: the main job — the actor tree plus its HTTP endpoints, until told to stop.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::Config;
+use crate::cluster::{LeaseError, LeaseKeeper, Leases, ReleasedPosition};
+use crate::config::{Config, ReplicationMode};
 use crate::node::{Node, NodeError};
+use crate::ownership::{PartitionId, Topology};
+use crate::store::PartitionStore;
 
 /// How often readiness is checked until the ready file is written.
 const READY_POLL: Duration = Duration::from_millis(100);
@@ -29,6 +34,18 @@ pub enum RunError {
     /// The Prometheus recorder could not be installed.
     #[error("cannot install the metrics recorder: {0}")]
     Metrics(String),
+    /// A local guard refused the start: the data directory is in use, or was written with
+    /// another partition count.
+    #[error(transparent)]
+    Local(#[from] crate::cluster::LocalError),
+    /// The object store cannot hold leases (`cluster.pods > 1`): it ignores a precondition, or
+    /// cannot be reached for the check.
+    #[error(transparent)]
+    ObjectStore(#[from] crate::cluster::BucketError),
+    /// A partition lease could not be taken (another partition count in the bucket, a
+    /// garbled lease object).
+    #[error(transparent)]
+    Lease(#[from] crate::cluster::LeaseError),
     /// The ready file could not be written.
     #[error("cannot write ready file {path}")]
     ReadyFile {
@@ -38,6 +55,21 @@ pub enum RunError {
         /// The underlying error.
         source: std::io::Error,
     },
+}
+
+impl RunError {
+    /// The process exit code for this error: 2 for what the operator fixes in the config or the
+    /// deployment (a changed partition count, an object store that ignores preconditions),
+    /// 1 for everything else.
+    #[must_use]
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RunError::Local(e) if e.is_config() => 2,
+            RunError::ObjectStore(e) if e.is_unfit_store() => 2,
+            RunError::Lease(crate::cluster::LeaseError::PartitionsChanged { .. }) => 2,
+            _ => 1,
+        }
+    }
 }
 
 /// Runs the node and its HTTP server until `shutdown` resolves, then stops gracefully.
@@ -52,6 +84,26 @@ pub async fn run(
     ready_file: Option<PathBuf>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
+    // Held until this function returns: nothing below touches the data dir without it.
+    let lock = crate::cluster::DataDirLock::acquire(&config.storage.data_dir)?;
+    tracing::debug!(lock = %lock.path().display(), "data dir locked");
+    crate::cluster::check_topology(
+        &config.storage.data_dir,
+        config.discord.shards,
+        config.cluster.partitions,
+    )?;
+    if config.cluster.pods > 1 {
+        check_object_store(&config).await?;
+    }
+    // One writer per partition (DESIGN §7): with a replica, nothing is restored, opened or
+    // uploaded before this process holds the lease of every partition it owns.
+    let mut keeper = match config.replication.mode {
+        ReplicationMode::Off => None,
+        ReplicationMode::Child | ReplicationMode::External => Some(acquire_leases(&config).await?),
+    };
+    let owned = owned_partitions(&config);
+    let data_dir = config.storage.data_dir.clone();
+    let config_topology = config.topology();
     let addr = config.http.listen;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -92,10 +144,17 @@ pub async fn run(
         }
     };
     tokio::pin!(shutdown);
+    let lost = async {
+        match keeper.as_mut() {
+            Some(keeper) => keeper.lost().await,
+            None => std::future::pending().await,
+        }
+    };
     let outcome = tokio::select! {
         r = async { ready.await?; std::future::pending::<Result<(), RunError>>().await } => r,
         () = &mut shutdown => Ok(()),
         e = node.failed() => Err(RunError::Node(e)),
+        e = lost => fence_and_exit(&status, &e).await,
     };
     let outcome = match outcome {
         Err(RunError::Node(e)) => Err(RunError::Node(e)),
@@ -104,6 +163,11 @@ pub async fn run(
         other => {
             tracing::info!("stopping: closing shards with the resume code, draining partitions");
             let stopped = node.shutdown().await.map_err(RunError::from);
+            if let Some(keeper) = keeper {
+                // Only after the final sync: the next owner restores what the replica has.
+                let positions = released_positions(&data_dir, &owned, &config_topology);
+                keeper.release(positions).await;
+            }
             other.and(stopped)
         }
     };
@@ -164,4 +228,91 @@ pub async fn run_simulator(
     shutdown.await;
     sim.shutdown().await;
     Ok(())
+}
+
+/// With several pods, leases need an object store that enforces conditional writes
+/// (DESIGN §7): checked once at start, before anything is written.
+async fn check_object_store(config: &Config) -> Result<(), crate::cluster::BucketError> {
+    let store = crate::cluster::connect(config)?;
+    let endpoint = config.replication.endpoint.as_deref().unwrap_or_default();
+    crate::cluster::verify_conditional_writes(store.as_ref(), &config.replication.prefix, endpoint)
+        .await?;
+    tracing::info!(endpoint, "object store enforces If-None-Match and If-Match");
+    Ok(())
+}
+
+/// The partitions this pod owns: those of its shards (DESIGN §2).
+fn owned_partitions(config: &Config) -> Vec<PartitionId> {
+    let t = config.topology();
+    t.shards_of_pod(config.cluster.ordinal)
+        .into_iter()
+        .flat_map(|s| t.partitions_of_shard(s))
+        .collect()
+}
+
+/// Takes the lease of every owned partition, waiting for those another process holds.
+async fn acquire_leases(config: &Config) -> Result<LeaseKeeper, RunError> {
+    let store = crate::cluster::connect(config)?;
+    let ttl = Duration::from_secs(config.cluster.lease_ttl_secs);
+    let leases = Leases::new(
+        store,
+        &config.replication.prefix,
+        crate::cluster::holder_name(config.cluster.ordinal),
+        ttl,
+        config.cluster.partitions,
+    );
+    Ok(LeaseKeeper::acquire(Arc::new(leases), &owned_partitions(config), ttl).await?)
+}
+
+/// What each partition file applied, read after the node stopped: the next owner resumes from
+/// there. A file that cannot be read records no position (the next owner then trusts its
+/// restore alone).
+fn released_positions(
+    data_dir: &Path,
+    owned: &[PartitionId],
+    topology: &Topology,
+) -> HashMap<PartitionId, ReleasedPosition> {
+    owned
+        .iter()
+        .filter_map(|&p| {
+            let store =
+                PartitionStore::open_read_only(&PartitionStore::path_in(data_dir, p), p).ok()?;
+            let shard = topology.shard_of_partition(p);
+            let applied = store.applied_session(shard, topology.shards()).ok()??;
+            Some((
+                p,
+                ReleasedPosition {
+                    shard_total: applied.shard_total,
+                    session_id: applied.session_id,
+                    resume_url: applied.resume_url,
+                    applied_seq: applied.applied_seq,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// A lease is gone: another process may own the partition from now on. This process must not
+/// write it again — no drain, no final sync — so the Litestream child is killed (SIGKILL, not
+/// SIGTERM, which would start its final upload) and the process exits 1 at once, before any
+/// supervisor could start a new child or commit another batch. Kubernetes or systemd restarts
+/// it, and the restarted process waits for the lease like any other contender.
+async fn fence_and_exit(status: &crate::node::StatusHandle, lost: &LeaseError) -> ! {
+    tracing::error!(error = %crate::error_chain(lost),
+        "partition lease lost: stopping every write now and exiting");
+    let litestream = status
+        .status(Duration::from_secs(1))
+        .await
+        .ok()
+        .and_then(|s| s.litestream)
+        .and_then(|l| l.pid);
+    if let Some(pid) = litestream.and_then(|p| i32::try_from(p).ok()) {
+        // Already gone is fine: then it cannot upload either.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    eprintln!("error: {}", crate::error_chain(lost));
+    std::process::exit(1)
 }

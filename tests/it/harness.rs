@@ -117,6 +117,59 @@ pub struct NodeSpec {
     pub extra_toml: String,
     /// More keys of the `[storage]` table, which the harness writes itself (`data_dir`).
     pub storage_toml: String,
+    /// More keys of the `[cluster]` table, which the harness writes itself (`partitions`,
+    /// `lease_ttl_secs`).
+    pub cluster_toml: String,
+    /// `cluster.lease_ttl_secs`; `None` = 6 s, so a restart after `kill -9` (whose leases were
+    /// never released) waits seconds, not the default minute, and a renewal still has 4 s to
+    /// succeed on a loaded machine.
+    pub lease_ttl_secs: Option<u64>,
+}
+
+/// Writes `dir/shardlite.toml` for a node of `spec` against `sim`, with its data in `dir/data`
+/// and HTTP on an ephemeral port; returns the file's path.
+pub fn write_config(dir: &Path, sim: &Simulator, spec: &NodeSpec) -> PathBuf {
+    let config = dir.join("shardlite.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[discord]\ngateway_url = \"{}\"\napi_url = \"{}\"\nshards = {}\n\
+             [cluster]\npartitions = {}\nlease_ttl_secs = {}\n{}[storage]\ndata_dir = \"{}\"\n{}[http]\nlisten = \"127.0.0.1:0\"\n{}",
+            sim.gateway_url(),
+            sim.api_url(),
+            spec.shards,
+            spec.partitions,
+            spec.lease_ttl_secs.unwrap_or(6),
+            spec.cluster_toml,
+            dir.join("data").display(),
+            spec.storage_toml,
+            spec.extra_toml
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// Runs `shardlite run --config CONFIG` to its exit (within `deadline`) for a start that must
+/// fail; returns the exit status and stderr.
+pub async fn run_expecting_exit(config: &Path, deadline: Duration) -> (ExitStatus, String) {
+    // A file, not a pipe: a child whose stderr outgrew a pipe's buffer would block forever.
+    let log = config.with_extension("exit.log");
+    let mut child = command()
+        .args(["run", "--config"])
+        .arg(config)
+        .env("DISCORD_TOKEN", TOKEN)
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("spawn shardlite run");
+    let status = wait_for("shardlite run to exit", deadline, async || {
+        child.try_wait().unwrap()
+    })
+    .await;
+    (status, std::fs::read_to_string(&log).unwrap())
 }
 
 /// A running `shardlite run`.
@@ -132,22 +185,7 @@ impl NodeProcess {
     /// Writes a config for `sim` into `dir`, starts `shardlite run` and waits for its ready file.
     pub async fn start(dir: &Path, sim: &Simulator, spec: &NodeSpec) -> NodeProcess {
         let data_dir = dir.join("data");
-        let config = dir.join("shardlite.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[discord]\ngateway_url = \"{}\"\napi_url = \"{}\"\nshards = {}\n\
-                 [cluster]\npartitions = {}\n[storage]\ndata_dir = \"{}\"\n{}[http]\nlisten = \"127.0.0.1:0\"\n{}",
-                sim.gateway_url(),
-                sim.api_url(),
-                spec.shards,
-                spec.partitions,
-                data_dir.display(),
-                spec.storage_toml,
-                spec.extra_toml
-            ),
-        )
-        .unwrap();
+        let config = write_config(dir, sim, spec);
         let ready = dir.join("ready.json");
         // A previous run's ready file in the same directory must not count as this run's.
         let _ = std::fs::remove_file(&ready);

@@ -1,6 +1,7 @@
 //! Integration tests: the real binary against the in-process simulator, one test binary.
 
 mod bad_input;
+mod cluster;
 mod exactly_once;
 mod harness;
 mod ingest;

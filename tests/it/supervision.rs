@@ -294,6 +294,7 @@ async fn a_backpressured_shard_is_not_taken_for_a_silent_one() {
         partitions: 2,
         storage_toml: "batch_max = 100\nmax_in_flight = 200\n".into(),
         extra_toml: "[supervision]\nshard_silence_timeout_secs = 1\n".into(),
+        ..NodeSpec::default()
     };
     // A quarter of the stream is kept for the lock to hold back, however slow the start was:
     // the stream holds at three quarters until the lock is taken.

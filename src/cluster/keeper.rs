@@ -1,0 +1,221 @@
+//! Holds this pod's partition leases for the life of a run (DESIGN §7): acquires all of them
+//! before anything is restored or opened (waiting for those another process holds), renews them
+//! in the background, reports the first one it cannot keep, and releases them on a graceful
+//! stop with the position each partition reached.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use tokio::sync::{Mutex, oneshot};
+use tokio::time::Instant;
+
+use super::lease::{Acquire, HeldLease, LeaseError, Leases, ReleasedPosition};
+use crate::ownership::PartitionId;
+
+/// Lease requests in flight at once (acquire, release).
+const CONCURRENCY: usize = 8;
+/// Pause after a failed request before the next attempt.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// The leases of one run. Dropping it stops the renewals (the leases then expire).
+pub struct LeaseKeeper {
+    leases: Arc<Leases>,
+    held: Arc<Mutex<Vec<HeldLease>>>,
+    lost: oneshot::Receiver<LeaseError>,
+    renewer: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for LeaseKeeper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaseKeeper")
+            .field("leases", &self.leases)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        self.renewer.abort();
+    }
+}
+
+impl LeaseKeeper {
+    /// Acquires the lease of every partition in `partitions`, waiting (and logging whom it
+    /// waits for) while another process holds one, then starts renewing them.
+    ///
+    /// # Errors
+    /// [`LeaseError::PartitionsChanged`] or [`LeaseError::Malformed`]; request failures are
+    /// retried, not returned.
+    pub async fn acquire(
+        leases: Arc<Leases>,
+        partitions: &[PartitionId],
+        ttl: Duration,
+    ) -> Result<Self, LeaseError> {
+        let started = Instant::now();
+        let held: Vec<HeldLease> = futures_util::stream::iter(partitions.iter().copied())
+            .map(|p| acquire_one(&leases, p, ttl))
+            .buffer_unordered(CONCURRENCY)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()?;
+        let epochs: Vec<String> = held
+            .iter()
+            .map(|l| format!("{}@{}", l.partition, l.epoch))
+            .collect();
+        tracing::info!(
+            leases = held.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            epochs = %epochs.join(" "),
+            "partition leases acquired"
+        );
+        let held = Arc::new(Mutex::new(held));
+        let (lost_tx, lost) = oneshot::channel();
+        let renewer = tokio::spawn(renew_forever(leases.clone(), held.clone(), lost_tx));
+        Ok(LeaseKeeper {
+            leases,
+            held,
+            lost,
+            renewer,
+        })
+    }
+
+    /// The epoch of each held lease (the fencing token), by partition.
+    pub async fn epochs(&self) -> HashMap<PartitionId, u64> {
+        self.held
+            .lock()
+            .await
+            .iter()
+            .map(|l| (l.partition, l.epoch))
+            .collect()
+    }
+
+    /// Resolves once a lease was taken by another process or could not be renewed before its
+    /// write deadline: from then on this process must not write that partition or its replica.
+    /// Pending forever while every lease is kept.
+    pub async fn lost(&mut self) -> LeaseError {
+        match (&mut self.lost).await {
+            Ok(e) => e,
+            // The renewer ended without a loss: only a release does that.
+            Err(_) => std::future::pending().await,
+        }
+    }
+
+    /// Stops renewing and releases every lease, recording each partition's final position
+    /// (DESIGN §7 handoff). Failures are logged: an unreleased lease just expires after its TTL.
+    pub async fn release(self, mut positions: HashMap<PartitionId, ReleasedPosition>) {
+        self.renewer.abort();
+        let held = std::mem::take(&mut *self.held.lock().await);
+        let count = held.len();
+        let leases = &self.leases;
+        let failed = futures_util::stream::iter(held)
+            .map(|lease| {
+                let position = positions.remove(&lease.partition);
+                async move {
+                    let partition = lease.partition;
+                    leases
+                        .release(lease, position)
+                        .await
+                        .map_err(|e| (partition, e))
+                }
+            })
+            .buffer_unordered(CONCURRENCY)
+            .filter_map(async |r| r.err())
+            .collect::<Vec<_>>()
+            .await;
+        for (partition, error) in &failed {
+            tracing::warn!(partition = %partition, error = %crate::error_chain(error),
+                "lease not released; it expires after its TTL");
+        }
+        tracing::info!(
+            released = count - failed.len(),
+            of = count,
+            "partition leases released"
+        );
+    }
+}
+
+async fn acquire_one(
+    leases: &Leases,
+    partition: PartitionId,
+    ttl: Duration,
+) -> Result<HeldLease, LeaseError> {
+    let mut waiting_for: Option<(String, u64)> = None;
+    loop {
+        match leases.acquire(partition).await {
+            Ok(Acquire::Acquired(lease)) => return Ok(lease),
+            Ok(Acquire::Held {
+                holder,
+                epoch,
+                expires_in,
+            }) => {
+                if waiting_for.as_ref() != Some(&(holder.clone(), epoch)) {
+                    tracing::warn!(partition = %partition, %holder, epoch,
+                        free_within_secs = expires_in.as_secs(),
+                        "waiting for lease: another process holds this partition");
+                    waiting_for = Some((holder, epoch));
+                }
+                // A release frees it at once; look again every sixth of a TTL, sooner if it
+                // expires before.
+                tokio::time::sleep(expires_in.min(ttl / 6).max(RETRY)).await;
+            }
+            Err(e @ (LeaseError::Request { .. } | LeaseError::Timeout { .. })) => {
+                tracing::warn!(partition = %partition, error = %crate::error_chain(&e),
+                    "lease request failed; retrying");
+                tokio::time::sleep(RETRY).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Renews every lease when due; sends the first loss and ends.
+async fn renew_forever(
+    leases: Arc<Leases>,
+    held: Arc<Mutex<Vec<HeldLease>>>,
+    lost: oneshot::Sender<LeaseError>,
+) {
+    loop {
+        let next = held.lock().await.iter().map(HeldLease::renew_at).min();
+        let Some(next) = next else { return };
+        tokio::time::sleep_until(next).await;
+        let mut guard = held.lock().await;
+        let now = Instant::now();
+        let due: Vec<&mut HeldLease> = guard.iter_mut().filter(|l| l.renew_at() <= now).collect();
+        let results =
+            futures_util::future::join_all(due.into_iter().map(|l| renew_one(&leases, l))).await;
+        if let Some(loss) = results.into_iter().flatten().next() {
+            // The receiver is gone only if the run already ended.
+            let _ = lost.send(loss);
+            return;
+        }
+        let failed_due = guard.iter().any(|l| l.renew_at() <= Instant::now());
+        drop(guard);
+        if failed_due {
+            tokio::time::sleep(RETRY).await;
+        }
+    }
+}
+
+/// One renewal: `Some` when the lease is lost or past its write deadline.
+async fn renew_one(leases: &Leases, lease: &mut HeldLease) -> Option<LeaseError> {
+    match leases.renew(lease).await {
+        Ok(()) => None,
+        Err(e @ LeaseError::Lost { .. }) => Some(e),
+        Err(e) if Instant::now() >= lease.write_deadline() => {
+            tracing::error!(partition = %lease.partition, error = %crate::error_chain(&e),
+                "lease could not be renewed before its write deadline");
+            Some(LeaseError::Expired {
+                partition: lease.partition,
+                epoch: lease.epoch,
+            })
+        }
+        Err(e) => {
+            tracing::warn!(partition = %lease.partition, error = %crate::error_chain(&e),
+                "lease renewal failed; retrying before its write deadline");
+            None
+        }
+    }
+}

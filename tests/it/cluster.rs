@@ -1,0 +1,249 @@
+//! One writer per partition (DESIGN §7): one process per data directory, the partition count
+//! fixed for the life of the data, an object store that really enforces the conditional writes
+//! leases are built on, and partition leases that make a second copy of a pod wait — then take
+//! over the data and the Discord session when the first one hands them off.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::IntoResponse;
+use shardlite::ownership::Topology;
+use shardlite::simulator::{SimConfig, Simulator};
+use shardlite::verify::verify;
+
+use crate::harness::{
+    NodeProcess, NodeSpec, run_expecting_exit, script_sent, script_total, wait_for, write_config,
+};
+use crate::s3;
+
+async fn small_sim(messages: u64) -> Simulator {
+    Simulator::start(SimConfig {
+        guilds: 50,
+        shards: 2,
+        messages,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// The second `shardlite run` on a data directory exits 1 naming the first one's pid, before it
+/// touches anything: the first one ingests on, and every message is stored exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_on_the_same_data_dir_exits_1_naming_the_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = small_sim(5_000).await;
+    sim.hold_script_at(Some(0));
+    let spec = NodeSpec {
+        shards: 2,
+        partitions: 4,
+        ..NodeSpec::default()
+    };
+    let first = NodeProcess::start(dir.path(), &sim, &spec).await;
+    let config = write_config(dir.path(), &sim, &spec);
+    let (status, stderr) = run_expecting_exit(&config, Duration::from_secs(60)).await;
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "is in use by another shardlite process (pid {}",
+            first.pid()
+        )),
+        "{stderr}"
+    );
+    sim.hold_script_at(None);
+    sim.wait_all_sent(Duration::from_secs(60)).await.unwrap();
+    first.wait_caught_up(&sim, Duration::from_secs(60)).await;
+    let data_dir = first.data_dir.clone();
+    assert!(first.stop().await.success());
+    let v = verify(&data_dir, Topology::new(2, 4, 1).unwrap(), &sim.expected()).unwrap();
+    assert!(v.is_exact(), "{v:?}");
+    assert_eq!(v.stored_messages, 5_000);
+}
+
+/// A data directory written with 4 partitions refuses a start with 8: exit 2 naming both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_partition_count_exits_2_naming_both_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = small_sim(1_000).await;
+    let mut spec = NodeSpec {
+        shards: 2,
+        partitions: 4,
+        ..NodeSpec::default()
+    };
+    let node = NodeProcess::start(dir.path(), &sim, &spec).await;
+    assert!(node.stop().await.success());
+    spec.partitions = 8;
+    let config = write_config(dir.path(), &sim, &spec);
+    let (status, stderr) = run_expecting_exit(&config, Duration::from_secs(60)).await;
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("cluster.partitions = 8, but ")
+            && stderr.contains("was written with 4 partitions"),
+        "{stderr}"
+    );
+}
+
+/// A stand-in S3 server that honours `If-None-Match: *` but accepts any `If-Match` (what one
+/// public report says of a DigitalOcean Spaces region).
+async fn start_store_ignoring_if_match() -> String {
+    let objects: Arc<Mutex<HashMap<String, Bytes>>> = Arc::default();
+    let app = axum::Router::new().fallback(
+        async move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+            let key = uri.path().to_owned();
+            let mut objects = objects.lock().unwrap();
+            match method {
+                Method::PUT => {
+                    if headers.contains_key("if-none-match") && objects.contains_key(&key) {
+                        return StatusCode::PRECONDITION_FAILED.into_response();
+                    }
+                    let etag = format!("\"{:032x}\"", fxhash(&body));
+                    objects.insert(key, body);
+                    (StatusCode::OK, [("ETag", etag)]).into_response()
+                }
+                Method::DELETE => {
+                    objects.remove(&key);
+                    StatusCode::NO_CONTENT.into_response()
+                }
+                _ => StatusCode::NOT_FOUND.into_response(),
+            }
+        },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+fn fxhash(bytes: &[u8]) -> u128 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325_u128, |h, b| {
+        (h ^ u128::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// With `cluster.pods = 2` the start checks the object store's conditional writes: one that
+/// ignores `If-Match` is refused with exit 2 naming the endpoint and the header; moto, which
+/// enforces both, passes and the pod runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_several_pods_a_store_that_ignores_if_match_is_refused_and_moto_passes() {
+    let sim = small_sim(2_000).await;
+    let spec_for = |endpoint: &str, bucket: &str| NodeSpec {
+        shards: 2,
+        partitions: 4,
+        cluster_toml: "pods = 2\nordinal = 0\n".into(),
+        extra_toml: s3::replication_toml(bucket, endpoint, 60),
+        ..NodeSpec::default()
+    };
+
+    let liar = start_store_ignoring_if_match().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &sim, &spec_for(&liar, "lying-bucket"));
+    let (status, stderr) = run_expecting_exit(&config, Duration::from_secs(60)).await;
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("object store {liar} does not enforce If-Match"))
+            && stderr.contains("an update carrying a stale ETag succeeded"),
+        "{stderr}"
+    );
+    assert!(
+        !dir.path().join("data/partitions").exists(),
+        "nothing was written before the check"
+    );
+
+    let bucket = s3::bucket("capability").await;
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProcess::start(dir.path(), &sim, &spec_for(s3::endpoint(), &bucket)).await;
+    let stderr = node.stderr_text();
+    assert!(
+        stderr.contains("object store enforces If-None-Match and If-Match"),
+        "{stderr}"
+    );
+    assert!(node.stop().await.success());
+}
+
+/// Two copies of pod 0 (its own disk each, one bucket): the second waits for the leases and
+/// writes nothing while the first holds them. When the first stops (final sync, leases released
+/// with their positions), the second takes the leases, restores every partition from the
+/// replica and resumes the same Discord sessions: no identify, every message exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_copy_of_a_pod_waits_for_the_leases_then_resumes_the_same_sessions() {
+    const MESSAGES: u64 = 10_000;
+    let bucket = s3::bucket("same-ordinal").await;
+    let sim = Simulator::start(SimConfig {
+        guilds: 100,
+        shards: 2,
+        messages: MESSAGES,
+        rate: Some(4_000),
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let total = script_total(&sim);
+    // The handoff must come mid-stream, however slow the machine: the stream holds at a third.
+    sim.hold_script_at(Some(total / 3));
+    let spec = NodeSpec {
+        shards: 2,
+        partitions: 4,
+        extra_toml: s3::replication_toml(&bucket, s3::endpoint(), 60),
+        ..NodeSpec::default()
+    };
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let first = NodeProcess::start(dir_a.path(), &sim, &spec).await;
+    wait_for(
+        "a quarter of the script",
+        Duration::from_secs(60),
+        async || (script_sent(&sim) >= total / 4).then_some(()),
+    )
+    .await;
+
+    // Its start blocks until it is ready, so it runs on a thread (and runtime) of its own.
+    let second = std::thread::spawn({
+        let (dir, sim, spec) = (dir_b.path().to_owned(), sim.clone(), spec.clone());
+        move || {
+            tokio::runtime::Runtime::new()
+                .unwrap()
+                .block_on(NodeProcess::start(&dir, &sim, &spec))
+        }
+    });
+    let stderr_b = dir_b.path().join("stderr.log");
+    wait_for(
+        "the second copy to wait for the leases",
+        Duration::from_secs(60),
+        async || {
+            let text = std::fs::read_to_string(&stderr_b).unwrap_or_default();
+            (text.matches("waiting for lease").count() == 4).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        !dir_b.path().join("data/partitions").exists(),
+        "the waiting copy created no partition file"
+    );
+    assert!(!second.is_finished(), "the waiting copy is not ready");
+
+    assert!(first.stop().await.success());
+    let second = tokio::task::spawn_blocking(move || second.join().unwrap())
+        .await
+        .unwrap();
+    sim.hold_script_at(None);
+    sim.wait_all_sent(Duration::from_secs(120)).await.unwrap();
+    second.wait_caught_up(&sim, Duration::from_secs(60)).await;
+    let stderr = second.stderr_text();
+    let data_dir = second.data_dir.clone();
+    assert!(second.stop().await.success());
+
+    assert_eq!(
+        stderr.matches("decision=Restored").count(),
+        4,
+        "every partition came from the replica:\n{stderr}"
+    );
+    for s in sim.status().shards {
+        assert_eq!(s.identifies, 1, "the session moved with the data: {s:?}");
+        assert!(s.resumes >= 1, "{s:?}");
+    }
+    let v = verify(&data_dir, Topology::new(2, 4, 1).unwrap(), &sim.expected()).unwrap();
+    assert!(v.is_exact(), "{v:?}");
+    assert_eq!(v.stored_messages, MESSAGES);
+}
