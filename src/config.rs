@@ -911,7 +911,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(count, 32);
+        assert_eq!(count, 33);
         // Optional keys are commented out (their default is None).
         for key in ["# gateway_url = ", "# endpoint = ", "# bucket = "] {
             assert!(DEFAULT_TOML.contains(key), "{key}");
@@ -933,6 +933,8 @@ mod tests {
             jail.set_env("SHARDLITE_REPLICATION__BUCKET", "2024");
             jail.set_env("SHARDLITE_REPLICATION__ENDPOINT", "http://127.0.0.1:9000");
             jail.set_env("SHARDLITE_REPLICATION__SYNC_INTERVAL_MS", "2000");
+            // 128 leases renewed three times per TTL fit 5 % of the budget from 77 s on.
+            jail.set_env("SHARDLITE_CLUSTER__LEASE_TTL_SECS", "120");
             jail.set_env("SHARDLITE_API_TOKEN", "not-config");
             let c = load_in(Some("c.toml")).unwrap();
             assert_eq!(c.discord.shards, 8);
@@ -951,6 +953,10 @@ mod tests {
         Jail::expect_with(|jail| {
             jail.set_env("SHARDLITE_DISCORD__SHARDS", "8");
             jail.set_env("SHARDLITE_CLUSTER__ORDINAL", "1");
+            // Several pods need an object store (DESIGN §7).
+            jail.set_env("SHARDLITE_REPLICATION__MODE", "child");
+            jail.set_env("SHARDLITE_REPLICATION__BUCKET", "b");
+            jail.set_env("SHARDLITE_REPLICATION__ENDPOINT", "http://127.0.0.1:9000");
             jail.set_env("NUM_GATEWAY_PODS", "4");
             jail.set_env("POD_ORDINAL", "gateway-3");
             let c = load_in(None).unwrap();
@@ -1259,6 +1265,7 @@ mod tests {
         c.discord.shards = 16;
         c.cluster.pods = 3;
         c.cluster.ordinal = 2;
+        replicating(&mut c);
         c.discord.gateway_url = Some("ws://127.0.0.1:4000".into());
         c.discord.api_url = "http://127.0.0.1:4000/api".into();
         c.validate().unwrap();

@@ -445,7 +445,11 @@ impl fmt::Display for Plan {
     /// pods 3 → 4 (8 shards, 64 partitions)
     /// shard 5: pod 2 → pod 3 (partitions p0005 p0013 …)
     /// 2 of 8 shards move, 16 of 64 partitions
+    /// 16 lease transfers and 16 restores from the replica
     /// ```
+    ///
+    /// Leases are per partition (DESIGN §7): every moved partition is one lease released by its
+    /// old pod and acquired by its new one, and one restore there.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
@@ -463,13 +467,18 @@ impl fmt::Display for Plan {
             }
             writeln!(f, ")")?;
         }
-        write!(
+        writeln!(
             f,
             "{} of {} shards move, {} of {} partitions",
             self.moves.len(),
             self.shards,
             self.moved_partitions(),
             self.partitions
+        )?;
+        let moved = self.moved_partitions();
+        write!(
+            f,
+            "{moved} lease transfers and {moved} restores from the replica"
         )
     }
 }
@@ -640,13 +649,14 @@ mod tests {
             "pods 1 → 2 (4 shards, 8 partitions)\n\
              shard 2: pod 0 → pod 1 (partitions p0002 p0006)\n\
              shard 3: pod 0 → pod 1 (partitions p0003 p0007)\n\
-             2 of 4 shards move, 4 of 8 partitions"
+             2 of 4 shards move, 4 of 8 partitions\n\
+             4 lease transfers and 4 restores from the replica"
         );
         let none = plan(4, 8, 2, 2).unwrap();
         assert!(none.moves.is_empty());
         assert!(
             none.to_string()
-                .ends_with("0 of 4 shards move, 0 of 8 partitions")
+                .contains("0 of 4 shards move, 0 of 8 partitions\n0 lease transfers")
         );
         let json = serde_json::to_value(&p).unwrap();
         assert_eq!(json["moves"][0]["partitions"], serde_json::json!([2, 6]));

@@ -92,6 +92,13 @@ pub async fn run(
         config.discord.shards,
         config.cluster.partitions,
     )?;
+    if config.replication.mode != ReplicationMode::Off {
+        // An unreachable store fails the start at once, naming it (the lease client and
+        // Litestream would both retry for a long time first).
+        crate::replication::restore::probe_endpoint(&config)
+            .await
+            .map_err(|e| RunError::Node(e.into()))?;
+    }
     if config.cluster.pods > 1 {
         check_object_store(&config).await?;
     }

@@ -37,6 +37,10 @@ struct State {
     spendable: u32,
     /// When Discord refills the budget to `total`.
     reset_at: Instant,
+    /// No identify before this instant: the start of the budget period `spendable` belongs to.
+    /// Once the current day's budget is spent down to the reserve, `spendable` already counts
+    /// the next day's budget, which no bucket may touch before that day begins.
+    not_before: Instant,
     total: u32,
     reserve: u32,
 }
@@ -60,6 +64,7 @@ impl IdentifyQueue {
                 buckets: vec![now; buckets],
                 spendable: limit.remaining.saturating_sub(reserve),
                 reset_at: now + Duration::from_millis(limit.reset_after),
+                not_before: now,
                 total: limit.total,
                 reserve,
             })),
@@ -79,7 +84,7 @@ impl IdentifyQueue {
             st.reset_at = now + BUDGET_PERIOD;
         }
         let bucket = shard as usize % st.buckets.len();
-        let mut at = st.buckets[bucket].max(now);
+        let mut at = st.buckets[bucket].max(now).max(st.not_before);
         if st.spendable == 0 {
             tracing::warn!(
                 shard,
@@ -88,6 +93,7 @@ impl IdentifyQueue {
                 "daily identify budget spent down to the reserve; waiting for Discord's reset"
             );
             at = at.max(st.reset_at);
+            st.not_before = st.reset_at;
             st.refill();
             st.reset_at += BUDGET_PERIOD;
         }
@@ -149,5 +155,21 @@ mod tests {
         // Only the reserve of 10 is left: the third identify waits for the reset (1 h).
         let waited = granted_after(&q, 2, start).await;
         assert_eq!(waited, Duration::from_secs(3600));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn once_one_bucket_waits_for_the_reset_every_bucket_does() {
+        let q = IdentifyQueue::new(&limit(16, 12), 10);
+        let start = Instant::now();
+        let reset = start + Duration::from_secs(3600);
+        assert_eq!(q.reserve_slot(0), start);
+        assert_eq!(q.reserve_slot(1), start);
+        // The budget is down to the reserve: bucket 2 waits for the reset, and so do buckets
+        // 3 and 4, although their own 5 s slots are free now.
+        assert_eq!(q.reserve_slot(2), reset);
+        assert_eq!(q.reserve_slot(3), reset);
+        assert_eq!(q.reserve_slot(4), reset);
+        // Bucket 2 again: after the reset and its own 5 s.
+        assert_eq!(q.reserve_slot(18), reset + IDENTIFY_INTERVAL);
     }
 }

@@ -261,7 +261,10 @@ fn remove_if_exists(path: &Path) -> Result<(), ReplicationError> {
 /// Fails fast when the object store cannot be reached at all: any HTTP answer (even 403 or 404)
 /// means reachable; a refused or timed-out connection does not. Litestream itself would retry for
 /// minutes before saying so.
-async fn probe_endpoint(config: &Config) -> Result<(), ReplicationError> {
+///
+/// # Errors
+/// [`ReplicationError::Unreachable`] naming the endpoint.
+pub async fn probe_endpoint(config: &Config) -> Result<(), ReplicationError> {
     let endpoint = config.replication.endpoint.clone().unwrap_or_default();
     let client = reqwest::Client::builder()
         .timeout(PROBE_TIMEOUT)

@@ -247,3 +247,87 @@ async fn a_second_copy_of_a_pod_waits_for_the_leases_then_resumes_the_same_sessi
     assert!(v.is_exact(), "{v:?}");
     assert_eq!(v.stored_messages, MESSAGES);
 }
+
+/// Scaling 1 → 2 pods by restarting every pod with the new count: pod 0 stops (final sync,
+/// leases released with their positions); pods 0 and 1 start with `pods = 2`. Pod 0 keeps shard
+/// 0 on its own disk; pod 1 takes shard 1's leases, restores its partitions from the replica and
+/// resumes shard 1's session: one identify per shard in total, every message exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_from_one_pod_to_two_moves_a_shard_with_its_data_and_its_session() {
+    const MESSAGES: u64 = 10_000;
+    let bucket = s3::bucket("scale-1-2").await;
+    let sim = Simulator::start(SimConfig {
+        guilds: 100,
+        shards: 2,
+        messages: MESSAGES,
+        rate: Some(4_000),
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let total = script_total(&sim);
+    sim.hold_script_at(Some(total / 3));
+    let spec = |pods: u32, ordinal: u32| NodeSpec {
+        shards: 2,
+        partitions: 4,
+        cluster_toml: format!("pods = {pods}\nordinal = {ordinal}\n"),
+        extra_toml: s3::replication_toml(&bucket, s3::endpoint(), 60),
+        ..NodeSpec::default()
+    };
+    let (dir0, dir1) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let single = NodeProcess::start(dir0.path(), &sim, &spec(1, 0)).await;
+    wait_for(
+        "a quarter of the script",
+        Duration::from_secs(60),
+        async || (script_sent(&sim) >= total / 4).then_some(()),
+    )
+    .await;
+    let step = std::time::Instant::now();
+    assert!(single.stop().await.success());
+    let pod0 = NodeProcess::start(dir0.path(), &sim, &spec(2, 0)).await;
+    let pod1 = NodeProcess::start(dir1.path(), &sim, &spec(2, 1)).await;
+    println!(
+        "1 → 2 pods: every shard resumed {:.1?} after the stop began",
+        step.elapsed()
+    );
+    sim.hold_script_at(None);
+    sim.wait_all_sent(Duration::from_secs(120)).await.unwrap();
+    pod0.wait_caught_up_on(&sim, &[0], Duration::from_secs(60))
+        .await;
+    pod1.wait_caught_up_on(&sim, &[1], Duration::from_secs(60))
+        .await;
+    let stderr1 = pod1.stderr_text();
+    assert!(pod0.stop().await.success());
+    assert!(pod1.stop().await.success());
+
+    assert_eq!(
+        stderr1.matches("decision=Restored").count(),
+        2,
+        "pod 1 restored shard 1's two partitions:\n{stderr1}"
+    );
+    for s in sim.status().shards {
+        assert_eq!(s.identifies, 1, "every shard resumed its session: {s:?}");
+    }
+    // The cluster's partitions — p0000 and p0002 from pod 0, p0001 and p0003 from pod 1 —
+    // hold every message exactly once.
+    let merged = tempfile::tempdir().unwrap();
+    let parts = merged.path().join("partitions");
+    std::fs::create_dir_all(&parts).unwrap();
+    for (p, dir) in [(0, &dir0), (1, &dir1), (2, &dir0), (3, &dir1)] {
+        for suffix in ["", "-wal"] {
+            let name = format!("p{p:04}.sqlite3{suffix}");
+            let from = dir.path().join("data/partitions").join(&name);
+            if from.exists() {
+                std::fs::copy(&from, parts.join(&name)).unwrap();
+            }
+        }
+    }
+    let v = verify(
+        merged.path(),
+        Topology::new(2, 4, 1).unwrap(),
+        &sim.expected(),
+    )
+    .unwrap();
+    assert!(v.is_exact(), "{v:?}");
+    assert_eq!(v.stored_messages, MESSAGES);
+}

@@ -296,6 +296,36 @@ impl NodeProcess {
         .await;
     }
 
+    /// Waits until the partitions of `shards` (the ones this pod owns) committed the
+    /// simulator's current session of their shard up to its last seq.
+    pub async fn wait_caught_up_on(&self, sim: &Simulator, shards: &[u32], deadline: Duration) {
+        wait_for(
+            "the pod to commit its shards' dispatches",
+            deadline,
+            async || {
+                let status = self.status().await?;
+                let sim = sim.status();
+                shards
+                    .iter()
+                    .all(|&shard| {
+                        let s = &sim.shards[shard as usize];
+                        status.groups.iter().any(|g| {
+                            g.shard == shard
+                                && !g.partitions.is_empty()
+                                && g.partitions.iter().all(|p| {
+                                    p.session.as_ref().is_some_and(|a| {
+                                        Some(&a.session_id) == s.session.as_ref()
+                                            && a.applied_seq >= s.last_seq
+                                    })
+                                })
+                        })
+                    })
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub async fn stop(mut self) -> ExitStatus {
         let pid = self.pid().to_string();
