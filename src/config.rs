@@ -588,6 +588,14 @@ impl Config {
                  two pods from writing one partition (DESIGN §7)",
             ));
         }
+        if c.pods > 1 && r.mode == ReplicationMode::External {
+            return Err(invalid(
+                "replication.mode",
+                "\"external\"",
+                "must be \"child\" when cluster.pods > 1: shardlite cannot stop a sidecar's \
+                 uploads when it loses a partition's lease to another pod (DESIGN §7)",
+            ));
+        }
         at_least_one("cluster.lease_ttl_secs", c.lease_ttl_secs)?;
         if r.mode != ReplicationMode::Off {
             if r.bucket.is_none() {
@@ -1114,6 +1122,12 @@ mod tests {
                 c.cluster.pods = 2;
             }),
             ("cluster.lease_ttl_secs", |c| c.cluster.lease_ttl_secs = 0),
+            ("replication.mode", |c| {
+                replicating(c);
+                c.replication.mode = ReplicationMode::External;
+                c.discord.shards = 4;
+                c.cluster.pods = 2;
+            }),
             ("cluster.lease_ttl_secs", |c| {
                 replicating(c);
                 c.cluster.lease_ttl_secs = 30;

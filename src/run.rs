@@ -65,7 +65,7 @@ impl RunError {
     pub fn exit_code(&self) -> u8 {
         match self {
             RunError::Local(e) if e.is_config() => 2,
-            RunError::ObjectStore(e) if e.is_unfit_store() => 2,
+            RunError::ObjectStore(e) if e.is_deployment_error() => 2,
             RunError::Lease(crate::cluster::LeaseError::PartitionsChanged { .. }) => 2,
             _ => 1,
         }
@@ -102,15 +102,7 @@ pub async fn run(
     if config.cluster.pods > 1 {
         check_object_store(&config).await?;
     }
-    // One writer per partition (DESIGN §7): with a replica, nothing is restored, opened or
-    // uploaded before this process holds the lease of every partition it owns.
-    let mut keeper = match config.replication.mode {
-        ReplicationMode::Off => None,
-        ReplicationMode::Child | ReplicationMode::External => Some(acquire_leases(&config).await?),
-    };
-    let owned = owned_partitions(&config);
-    let data_dir = config.storage.data_dir.clone();
-    let config_topology = config.topology();
+    // Everything that can fail cheaply fails before the leases are taken.
     let addr = config.http.listen;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -122,7 +114,25 @@ pub async fn run(
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .map_err(|e| RunError::Metrics(e.to_string()))?;
-    let mut node = Node::start(config).await?;
+    // One writer per partition (DESIGN §7): with a replica, nothing is restored, opened or
+    // uploaded before this process holds the lease of every partition it owns.
+    let mut keeper = match config.replication.mode {
+        ReplicationMode::Off => None,
+        ReplicationMode::Child | ReplicationMode::External => Some(acquire_leases(&config).await?),
+    };
+    let owned = owned_partitions(&config);
+    let data_dir = config.storage.data_dir.clone();
+    let config_topology = config.topology();
+    // A lease lost while the node starts (restores, Litestream's first uploads) fences too. A
+    // start that fails keeps its leases until they expire: its Litestream child may still be
+    // making a last upload, so releasing them now could hand a partition over too early.
+    let mut node = match keeper.as_mut() {
+        None => Node::start(config).await?,
+        Some(keeper) => tokio::select! {
+            started = Node::start(config) => started?,
+            lost = keeper.lost() => fence_and_exit(&data_dir, &lost),
+        },
+    };
     let status = node.status_handle();
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let http = tokio::spawn(crate::http::serve(
@@ -161,7 +171,7 @@ pub async fn run(
         r = async { ready.await?; std::future::pending::<Result<(), RunError>>().await } => r,
         () = &mut shutdown => Ok(()),
         e = node.failed() => Err(RunError::Node(e)),
-        e = lost => fence_and_exit(&status, &e).await,
+        e = lost => fence_and_exit(&data_dir, &e),
     };
     let outcome = match outcome {
         Err(RunError::Node(e)) => Err(RunError::Node(e)),
@@ -169,11 +179,26 @@ pub async fn run(
         // way, so shards keep their sessions and the replica gets the final state.
         other => {
             tracing::info!("stopping: closing shards with the resume code, draining partitions");
-            let stopped = node.shutdown().await.map_err(RunError::from);
-            if let Some(keeper) = keeper {
-                // Only after the final sync: the next owner restores what the replica has.
-                let positions = released_positions(&data_dir, &owned, &config_topology);
-                keeper.release(positions).await;
+            let stopped = match keeper.as_mut() {
+                None => node.shutdown().await,
+                // The final sync uploads: a lease lost meanwhile fences it like any other write.
+                Some(keeper) => tokio::select! {
+                    stopped = node.shutdown() => stopped,
+                    lost = keeper.lost() => fence_and_exit(&data_dir, &lost),
+                },
+            }
+            .map_err(RunError::from);
+            match keeper {
+                // Only after a complete stop and final sync: the next owner restores what the
+                // replica has and resumes from it.
+                Some(keeper) if stopped.is_ok() => {
+                    let positions = released_positions(&data_dir, &owned, &config_topology);
+                    keeper.release(positions).await;
+                }
+                Some(_) => tracing::warn!(
+                    "the stop did not complete; leases are left to expire after their TTL"
+                ),
+                None => {}
             }
             other.and(stopped)
         }
@@ -301,24 +326,18 @@ fn released_positions(
 
 /// A lease is gone: another process may own the partition from now on. This process must not
 /// write it again — no drain, no final sync — so the Litestream child is killed (SIGKILL, not
-/// SIGTERM, which would start its final upload) and the process exits 1 at once, before any
+/// SIGTERM, which would start its final upload; its pid is read from `data_dir/litestream.pid`,
+/// without asking an actor that may be busy) and the process exits 1 at once, before any
 /// supervisor could start a new child or commit another batch. Kubernetes or systemd restarts
 /// it, and the restarted process waits for the lease like any other contender.
-async fn fence_and_exit(status: &crate::node::StatusHandle, lost: &LeaseError) -> ! {
+fn fence_and_exit(data_dir: &Path, lost: &LeaseError) -> ! {
     tracing::error!(error = %crate::error_chain(lost),
         "partition lease lost: stopping every write now and exiting");
-    let litestream = status
-        .status(Duration::from_secs(1))
-        .await
+    let pid = std::fs::read_to_string(data_dir.join("litestream.pid"))
         .ok()
-        .and_then(|s| s.litestream)
-        .and_then(|l| l.pid);
-    if let Some(pid) = litestream.and_then(|p| i32::try_from(p).ok()) {
-        // Already gone is fine: then it cannot upload either.
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        .and_then(|text| text.trim().parse::<u32>().ok());
+    if let Some(pid) = pid {
+        crate::replication::process::signal(pid, nix::sys::signal::Signal::SIGKILL);
     }
     eprintln!("error: {}", crate::error_chain(lost));
     std::process::exit(1)

@@ -89,11 +89,17 @@ pub enum BucketError {
 }
 
 impl BucketError {
-    /// True when the store itself is unfit (it ignores a precondition): a deployment error the
-    /// operator must fix, not a passing failure (exit code 2 rather than 1).
+    /// True for what the operator must fix in the deployment — a store that ignores a
+    /// precondition, missing credentials or endpoint — rather than a passing failure (exit
+    /// code 2 rather than 1).
     #[must_use]
-    pub fn is_unfit_store(&self) -> bool {
-        matches!(self, BucketError::Unenforced { .. })
+    pub fn is_deployment_error(&self) -> bool {
+        matches!(
+            self,
+            BucketError::Unenforced { .. }
+                | BucketError::MissingCredentials { .. }
+                | BucketError::NotConfigured
+        )
     }
 }
 

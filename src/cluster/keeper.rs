@@ -14,8 +14,11 @@ use tokio::time::Instant;
 use super::lease::{Acquire, HeldLease, LeaseError, Leases, ReleasedPosition};
 use crate::ownership::PartitionId;
 
-/// Lease requests in flight at once (acquire, release).
+/// Lease releases in flight at once.
 const CONCURRENCY: usize = 8;
+/// Consecutive failed requests for one lease at start before the start fails (a store that
+/// answers nothing useful for this long is not a passing hiccup).
+const MAX_FAILURES: u32 = 10;
 /// Pause after a failed request before the next attempt.
 const RETRY: Duration = Duration::from_secs(1);
 
@@ -46,21 +49,23 @@ impl LeaseKeeper {
     /// waits for) while another process holds one, then starts renewing them.
     ///
     /// # Errors
-    /// [`LeaseError::PartitionsChanged`] or [`LeaseError::Malformed`]; request failures are
-    /// retried, not returned.
+    /// [`LeaseError::PartitionsChanged`] or [`LeaseError::Malformed`]; a request error when the
+    /// store refused the credentials or has no such bucket, or after 10 failures in a row
+    /// (other failures are retried every second).
     pub async fn acquire(
         leases: Arc<Leases>,
         partitions: &[PartitionId],
         ttl: Duration,
     ) -> Result<Self, LeaseError> {
         let started = Instant::now();
-        let held: Vec<HeldLease> = futures_util::stream::iter(partitions.iter().copied())
-            .map(|p| acquire_one(&leases, p, ttl))
-            .buffer_unordered(CONCURRENCY)
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect::<Result<_, _>>()?;
+        // All at once: an expired lease is taken only after a full TTL of watching it, and
+        // every partition's TTL must run in parallel, not in turns.
+        let held: Vec<HeldLease> = futures_util::future::join_all(
+            partitions.iter().map(|&p| acquire_one(&leases, p, ttl)),
+        )
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
         let epochs: Vec<String> = held
             .iter()
             .map(|l| format!("{}@{}", l.partition, l.epoch))
@@ -143,6 +148,7 @@ async fn acquire_one(
     ttl: Duration,
 ) -> Result<HeldLease, LeaseError> {
     let mut waiting_for: Option<(String, u64)> = None;
+    let mut failures = 0;
     loop {
         match leases.acquire(partition).await {
             Ok(Acquire::Acquired(lease)) => return Ok(lease),
@@ -151,6 +157,7 @@ async fn acquire_one(
                 epoch,
                 expires_in,
             }) => {
+                failures = 0;
                 if waiting_for.as_ref() != Some(&(holder.clone(), epoch)) {
                     tracing::warn!(partition = %partition, %holder, epoch,
                         free_within_secs = expires_in.as_secs(),
@@ -162,6 +169,10 @@ async fn acquire_one(
                 tokio::time::sleep(expires_in.min(ttl / 6).max(RETRY)).await;
             }
             Err(e @ (LeaseError::Request { .. } | LeaseError::Timeout { .. })) => {
+                failures += 1;
+                if failures >= MAX_FAILURES || is_fatal(&e) {
+                    return Err(e);
+                }
                 tracing::warn!(partition = %partition, error = %crate::error_chain(&e),
                     "lease request failed; retrying");
                 tokio::time::sleep(RETRY).await;
@@ -199,23 +210,37 @@ async fn renew_forever(
     }
 }
 
-/// One renewal: `Some` when the lease is lost or past its write deadline.
+/// One renewal, bounded by the lease's write deadline: `Some` when the lease is lost or the
+/// deadline passed before the store confirmed the renewal.
 async fn renew_one(leases: &Leases, lease: &mut HeldLease) -> Option<LeaseError> {
-    match leases.renew(lease).await {
-        Ok(()) => None,
-        Err(e @ LeaseError::Lost { .. }) => Some(e),
-        Err(e) if Instant::now() >= lease.write_deadline() => {
-            tracing::error!(partition = %lease.partition, error = %crate::error_chain(&e),
-                "lease could not be renewed before its write deadline");
-            Some(LeaseError::Expired {
-                partition: lease.partition,
-                epoch: lease.epoch,
-            })
-        }
-        Err(e) => {
-            tracing::warn!(partition = %lease.partition, error = %crate::error_chain(&e),
+    let (partition, epoch, deadline) = (lease.partition, lease.epoch, lease.write_deadline());
+    let expired = || {
+        tracing::error!(partition = %partition, epoch,
+            "lease could not be renewed before its write deadline");
+        Some(LeaseError::Expired { partition, epoch })
+    };
+    match tokio::time::timeout_at(deadline, leases.renew(lease)).await {
+        Err(_) => expired(),
+        Ok(Ok(())) => None,
+        Ok(Err(e @ LeaseError::Lost { .. })) => Some(e),
+        Ok(Err(_)) if Instant::now() >= deadline => expired(),
+        Ok(Err(e)) => {
+            tracing::warn!(partition = %partition, error = %crate::error_chain(&e),
                 "lease renewal failed; retrying before its write deadline");
             None
         }
     }
+}
+
+/// Failures no retry can fix: the store refused our credentials or has no such bucket.
+fn is_fatal(e: &LeaseError) -> bool {
+    matches!(
+        e,
+        LeaseError::Request {
+            source: object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. }
+                | object_store::Error::NotFound { .. },
+            ..
+        }
+    )
 }

@@ -282,20 +282,26 @@ impl Leases {
     /// [`LeaseError::PartitionsChanged`] when the lease was written with another partition
     /// count; request errors.
     pub async fn acquire(&self, partition: PartitionId) -> Result<Acquire, LeaseError> {
-        let now = Instant::now();
         let Some((record, etag)) = self.read(partition).await? else {
+            let sent = Instant::now();
             let fresh = self.record(1, None, None);
             return match self.write(partition, PutMode::Create, &fresh).await {
-                Ok(etag) => Ok(Acquire::Acquired(self.held(partition, 1, etag, now, None))),
-                // Someone created it between our read and write: theirs now.
-                Err(WriteError::Refused) => Ok(Acquire::Held {
-                    holder: "(just created by another process)".to_owned(),
-                    epoch: 1,
-                    expires_in: self.ttl,
-                }),
+                Ok(etag) => Ok(Acquire::Acquired(self.held(partition, 1, etag, sent, None))),
+                Err(WriteError::Refused) => match self.adopt(partition, 1, sent, None).await? {
+                    Some(lease) => Ok(Acquire::Acquired(lease)),
+                    // Someone created it between our read and write: theirs now.
+                    None => Ok(Acquire::Held {
+                        holder: "(just created by another process)".to_owned(),
+                        epoch: 1,
+                        expires_in: self.ttl,
+                    }),
+                },
                 Err(WriteError::Failed(e)) => Err(e),
             };
         };
+        // Taken after the read returned: the ETag existed by then, so a full TTL from here is
+        // a full TTL after the holder's write at the latest.
+        let seen_at = Instant::now();
         if record.partitions != self.partitions {
             return Err(LeaseError::PartitionsChanged {
                 partition,
@@ -311,15 +317,15 @@ impl Leases {
                 .unwrap_or_else(PoisonError::into_inner);
             let seen = sightings.entry(partition).or_insert_with(|| Sighting {
                 etag: etag.clone(),
-                since: now,
+                since: seen_at,
             });
             if seen.etag != etag {
                 *seen = Sighting {
                     etag: etag.clone(),
-                    since: now,
+                    since: seen_at,
                 };
             }
-            now.duration_since(seen.since)
+            seen_at.duration_since(seen.since)
         };
         let released = record.released_at_ms.is_some();
         if !released && unchanged_for < ttl {
@@ -335,26 +341,49 @@ impl Leases {
             e_tag: Some(etag),
             version: None,
         });
-        match self.write(partition, mode, &next).await {
-            Ok(etag) => {
-                self.forget(partition);
-                tracing::info!(partition = %partition, epoch, previous = %record.holder,
-                    released, "lease acquired");
-                Ok(Acquire::Acquired(self.held(
-                    partition,
-                    epoch,
-                    etag,
-                    now,
-                    Some(record),
-                )))
+        let sent = Instant::now();
+        let lease = match self.write(partition, mode, &next).await {
+            Ok(etag) => Some(self.held(partition, epoch, etag, sent, Some(record.clone()))),
+            Err(WriteError::Refused) => {
+                self.adopt(partition, epoch, sent, Some(record.clone()))
+                    .await?
             }
-            Err(WriteError::Refused) => Ok(Acquire::Held {
+            Err(WriteError::Failed(e)) => return Err(e),
+        };
+        let Some(lease) = lease else {
+            return Ok(Acquire::Held {
                 holder: "(taken over by another process)".to_owned(),
                 epoch,
                 expires_in: self.ttl,
-            }),
-            Err(WriteError::Failed(e)) => Err(e),
-        }
+            });
+        };
+        self.forget(partition);
+        tracing::info!(partition = %partition, epoch, previous = %record.holder, released,
+            "lease acquired");
+        Ok(Acquire::Acquired(lease))
+    }
+
+    /// After a refused conditional write: a write of ours may have been applied after all (the
+    /// client retried a request whose first attempt the store had applied, or a timed-out
+    /// request landed), which changed the ETag under us. Re-reads the lease: if it names this
+    /// process at `epoch` and is not released, it is ours, with the ETag read back. The holder
+    /// name is unique per process start, so no other process can look like us.
+    async fn adopt(
+        &self,
+        partition: PartitionId,
+        epoch: u64,
+        sent: Instant,
+        previous: Option<LeaseRecord>,
+    ) -> Result<Option<HeldLease>, LeaseError> {
+        Ok(match self.read(partition).await? {
+            Some((r, etag))
+                if r.holder == self.holder && r.epoch == epoch && r.released_at_ms.is_none() =>
+            {
+                tracing::debug!(partition = %partition, epoch, "a retried lease write had landed");
+                Some(self.held(partition, epoch, etag, sent, previous))
+            }
+            _ => None,
+        })
     }
 
     /// Renews `lease` (same epoch, `If-Match` with its last ETag). On success its write
@@ -366,7 +395,16 @@ impl Leases {
     pub async fn renew(&self, lease: &mut HeldLease) -> Result<(), LeaseError> {
         let sent = Instant::now();
         let record = self.record(lease.epoch, None, None);
-        let etag = self.replace(lease, &record).await?;
+        let etag = match self.replace(lease, &record).await {
+            Ok(etag) => etag,
+            Err(lost @ LeaseError::Lost { .. }) => {
+                match self.adopt(lease.partition, lease.epoch, sent, None).await? {
+                    Some(adopted) => adopted.etag,
+                    None => return Err(lost),
+                }
+            }
+            Err(e) => return Err(e),
+        };
         lease.etag = etag;
         lease.renewed = sent;
         Ok(())
@@ -553,8 +591,6 @@ mod tests {
         held_by(b.acquire(P).await.unwrap());
         tokio::time::sleep(TTL - Duration::from_millis(1)).await;
         held_by(b.acquire(P).await.unwrap());
-        // The old holder stopped writing long before: at TTL × 2/3 after its last renewal.
-        assert!(old.write_deadline() < Instant::now());
         tokio::time::sleep(Duration::from_millis(1)).await;
         let new = acquired(b.acquire(P).await.unwrap());
         assert_eq!(new.epoch, 2);
@@ -565,6 +601,26 @@ mod tests {
         ));
         assert!(matches!(
             a.release(old, None).await,
+            Err(LeaseError::Lost { .. })
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_that_landed_before_its_answer_was_lost_is_adopted_not_taken_for_a_loss() {
+        let (a, b) = pair();
+        let mut lease = acquired(a.acquire(P).await.unwrap());
+        let stale = lease.clone();
+        a.renew(&mut lease).await.unwrap();
+        // As if the answer to that renewal never arrived: the holder still has the old ETag.
+        let mut retried = stale;
+        a.renew(&mut retried).await.unwrap();
+        assert_eq!(retried.epoch, 1);
+        held_by(b.acquire(P).await.unwrap());
+        // A real takeover is still a loss.
+        tokio::time::sleep(TTL).await;
+        assert_eq!(acquired(b.acquire(P).await.unwrap()).epoch, 2);
+        assert!(matches!(
+            a.renew(&mut retried).await,
             Err(LeaseError::Lost { .. })
         ));
     }

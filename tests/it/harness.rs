@@ -120,8 +120,8 @@ pub struct NodeSpec {
     /// More keys of the `[cluster]` table, which the harness writes itself (`partitions`,
     /// `lease_ttl_secs`).
     pub cluster_toml: String,
-    /// `cluster.lease_ttl_secs`; `None` = 6 s, so a restart after `kill -9` (whose leases were
-    /// never released) waits seconds, not the default minute, and a renewal still has 4 s to
+    /// `cluster.lease_ttl_secs`; `None` = 10 s, so a restart after `kill -9` (whose leases were
+    /// never released) waits seconds, not the default minute, and a renewal still has 6 s to
     /// succeed on a loaded machine.
     pub lease_ttl_secs: Option<u64>,
 }
@@ -139,7 +139,7 @@ pub fn write_config(dir: &Path, sim: &Simulator, spec: &NodeSpec) -> PathBuf {
             sim.api_url(),
             spec.shards,
             spec.partitions,
-            spec.lease_ttl_secs.unwrap_or(6),
+            spec.lease_ttl_secs.unwrap_or(10),
             spec.cluster_toml,
             dir.join("data").display(),
             spec.storage_toml,
