@@ -18,7 +18,7 @@ use shardlite::verify::{Verification, verify};
 
 use crate::harness::{
     NodeProcess, NodeSpec, hold_stream, process_exited, script_sent, script_total, seed,
-    stream_past, wait_for,
+    shard_applied, stream_past, wait_for,
 };
 use crate::s3;
 
@@ -783,18 +783,7 @@ async fn fatal_close_code_stops_the_shard_and_shows_in_readyz() {
             let sim = sim.status();
             sim.shards[1..]
                 .iter()
-                .all(|s| {
-                    status.groups.iter().any(|g| {
-                        g.shard == s.shard
-                            && !g.partitions.is_empty()
-                            && g.partitions.iter().all(|p| {
-                                p.session.as_ref().is_some_and(|a| {
-                                    Some(&a.session_id) == s.session.as_ref()
-                                        && a.applied_seq >= s.last_seq
-                                })
-                            })
-                    })
-                })
+                .all(|s| shard_applied(&status, s, s.last_seq))
                 .then_some(())
         },
     )

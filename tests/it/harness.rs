@@ -108,6 +108,24 @@ pub fn seed(default: u64) -> u64 {
     seed
 }
 
+/// True when every partition of `shard`'s group in `status` has committed the simulator's
+/// current session of that shard up to `min_seq` or beyond.
+pub fn shard_applied(
+    status: &NodeStatus,
+    shard: &shardlite::simulator::ShardStatus,
+    min_seq: u64,
+) -> bool {
+    status.groups.iter().any(|g| {
+        g.shard == shard.shard
+            && !g.partitions.is_empty()
+            && g.partitions.iter().all(|p| {
+                p.session.as_ref().is_some_and(|a| {
+                    Some(&a.session_id) == shard.session.as_ref() && a.applied_seq >= min_seq
+                })
+            })
+    })
+}
+
 /// Shape of the node under test.
 #[derive(Clone, Debug, Default)]
 pub struct NodeSpec {
@@ -278,18 +296,7 @@ impl NodeProcess {
                 let sim = sim.status();
                 sim.shards
                     .iter()
-                    .all(|s| {
-                        status.groups.iter().any(|g| {
-                            g.shard == s.shard
-                                && !g.partitions.is_empty()
-                                && g.partitions.iter().all(|p| {
-                                    p.session.as_ref().is_some_and(|a| {
-                                        Some(&a.session_id) == s.session.as_ref()
-                                            && a.applied_seq >= 1
-                                    })
-                                })
-                        })
-                    })
+                    .all(|s| shard_applied(&status, s, 1))
                     .then_some(())
             },
         )
@@ -309,16 +316,7 @@ impl NodeProcess {
                     .iter()
                     .all(|&shard| {
                         let s = &sim.shards[shard as usize];
-                        status.groups.iter().any(|g| {
-                            g.shard == shard
-                                && !g.partitions.is_empty()
-                                && g.partitions.iter().all(|p| {
-                                    p.session.as_ref().is_some_and(|a| {
-                                        Some(&a.session_id) == s.session.as_ref()
-                                            && a.applied_seq >= s.last_seq
-                                    })
-                                })
-                        })
+                        shard_applied(&status, s, s.last_seq)
                     })
                     .then_some(())
             },
