@@ -123,6 +123,11 @@ pub async fn run(
     let owned = owned_partitions(&config);
     let data_dir = config.storage.data_dir.clone();
     let config_topology = config.topology();
+    if let Some(keeper) = &keeper {
+        let released = keeper.released_before().await;
+        move_aside_stale_files(&data_dir, &config_topology, &released)
+            .map_err(|e| RunError::Node(e.into()))?;
+    }
     // A lease lost while the node starts (restores, Litestream's first uploads) fences too. A
     // start that fails keeps its leases until they expire: its Litestream child may still be
     // making a last upload, so releasing them now could hand a partition over too early.
@@ -341,4 +346,41 @@ fn fence_and_exit(data_dir: &Path, lost: &LeaseError) -> ! {
     }
     eprintln!("error: {}", crate::error_chain(lost));
     std::process::exit(1)
+}
+
+/// A local partition file behind the position its lease's previous holder released is stale:
+/// another pod wrote the partition since (a shard that moved away and back, an old volume put
+/// back). Kept, it would pass `quick_check`, and Litestream would continue the replica from it,
+/// rolling back what the other pod uploaded. It is moved aside (`NAME.stale-UNIXSECS`, never
+/// deleted), so restore before open brings the replica's copy.
+fn move_aside_stale_files(
+    data_dir: &Path,
+    topology: &Topology,
+    released: &HashMap<PartitionId, ReleasedPosition>,
+) -> Result<(), crate::replication::ReplicationError> {
+    for (&p, position) in released {
+        let path = PartitionStore::path_in(data_dir, p);
+        if !path.exists() {
+            continue;
+        }
+        let local = PartitionStore::open_read_only(&path, p)
+            .ok()
+            .and_then(|store| {
+                store
+                    .applied_session(topology.shard_of_partition(p), topology.shards())
+                    .ok()
+                    .flatten()
+            });
+        let current = local.as_ref().is_some_and(|a| {
+            a.session_id == position.session_id && a.applied_seq >= position.applied_seq
+        });
+        if !current {
+            tracing::warn!(partition = %p, file = %path.display(),
+                local_seq = local.as_ref().map(|a| a.applied_seq),
+                released_seq = position.applied_seq,
+                "local partition file is behind what its last owner released; moving it aside");
+            crate::replication::restore::move_aside(&path, "stale")?;
+        }
+    }
+    Ok(())
 }

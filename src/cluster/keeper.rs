@@ -97,6 +97,21 @@ impl LeaseKeeper {
             .collect()
     }
 
+    /// The positions the previous holders recorded when they released these leases (DESIGN §7
+    /// handoff), by partition; partitions whose lease was taken over after a crash, or never
+    /// held before, have none.
+    pub async fn released_before(&self) -> HashMap<PartitionId, ReleasedPosition> {
+        self.held
+            .lock()
+            .await
+            .iter()
+            .filter_map(|l| {
+                let position = l.previous.as_ref()?.position.clone()?;
+                Some((l.partition, position))
+            })
+            .collect()
+    }
+
     /// Resolves once a lease was taken by another process or could not be renewed before its
     /// write deadline: from then on this process must not write that partition or its replica.
     /// Pending forever while every lease is kept.

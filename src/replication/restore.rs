@@ -137,7 +137,7 @@ async fn restore_one(
         FileHealth::Missing => {
             // A leftover -wal or -shm would be replayed onto the restored file (nothing ties a
             // WAL to its database), and Litestream's metadata describes the lost file.
-            move_aside(&path)?;
+            move_aside(&path, "corrupt")?;
         }
         FileHealth::Unreadable(reason) => {
             return Err(ReplicationError::Unreadable {
@@ -147,7 +147,7 @@ async fn restore_one(
         }
         FileHealth::Empty | FileHealth::Corrupt(_) => {
             tracing::warn!(%partition, path = %path.display(), ?health, "partition file unusable; moving it aside and restoring");
-            moved_aside = move_aside(&path)?;
+            moved_aside = move_aside(&path, "corrupt")?;
         }
     }
     let tmp = path.with_extension("sqlite3.restoring");
@@ -213,10 +213,14 @@ async fn restore_one(
     })
 }
 
-/// Renames a bad partition file (with its `-wal`, `-shm` and Litestream's `.NAME-litestream`
-/// metadata directory, which describes the old file) to `NAME.corrupt-UNIXSECS…`, whichever of
-/// them exist. Returns the new name of the database file, if it existed.
-fn move_aside(path: &Path) -> Result<Option<PathBuf>, ReplicationError> {
+/// Renames a partition file that must not be used (with its `-wal`, `-shm` and Litestream's
+/// `.NAME-litestream` metadata directory, which describes the old file) to
+/// `NAME.{label}-UNIXSECS…` (`corrupt`, `stale`), whichever of them exist; never deletes.
+/// Returns the new name of the database file, if it existed.
+///
+/// # Errors
+/// [`ReplicationError::MoveAside`] naming the file that could not be renamed.
+pub fn move_aside(path: &Path, label: &str) -> Result<Option<PathBuf>, ReplicationError> {
     let stamp = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -235,7 +239,7 @@ fn move_aside(path: &Path) -> Result<Option<PathBuf>, ReplicationError> {
     for companion in companions {
         let from = dir.join(&companion);
         if from.exists() {
-            let to = dir.join(format!("{companion}.corrupt-{stamp}"));
+            let to = dir.join(format!("{companion}.{label}-{stamp}"));
             std::fs::rename(&from, &to).map_err(|source| ReplicationError::MoveAside {
                 path: from.clone(),
                 source,

@@ -248,12 +248,14 @@ async fn a_second_copy_of_a_pod_waits_for_the_leases_then_resumes_the_same_sessi
     assert_eq!(v.stored_messages, MESSAGES);
 }
 
-/// Scaling 1 → 2 pods by restarting every pod with the new count: pod 0 stops (final sync,
-/// leases released with their positions); pods 0 and 1 start with `pods = 2`. Pod 0 keeps shard
-/// 0 on its own disk; pod 1 takes shard 1's leases, restores its partitions from the replica and
-/// resumes shard 1's session: one identify per shard in total, every message exactly once.
+/// Scaling 1 → 2 → 1 pods by restarting every pod with the new count. 1 → 2: pod 0 stops (final
+/// sync, leases released with their positions); pods 0 and 1 start with `pods = 2`. Pod 0 keeps
+/// shard 0 on its own disk; pod 1 takes shard 1's leases, restores its partitions from the
+/// replica and resumes shard 1's session. 2 → 1: pod 0 finds its old copies of shard 1's files
+/// behind what pod 1 released, moves them aside and restores. One identify per shard in total,
+/// every message exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scaling_from_one_pod_to_two_moves_a_shard_with_its_data_and_its_session() {
+async fn scaling_one_to_two_pods_and_back_moves_a_shard_with_its_data_and_its_session() {
     const MESSAGES: u64 = 10_000;
     let bucket = s3::bucket("scale-1-2").await;
     let sim = Simulator::start(SimConfig {
@@ -324,6 +326,49 @@ async fn scaling_from_one_pod_to_two_moves_a_shard_with_its_data_and_its_session
     }
     let v = verify(
         merged.path(),
+        Topology::new(2, 4, 1).unwrap(),
+        &sim.expected(),
+    )
+    .unwrap();
+    assert!(v.is_exact(), "{v:?}");
+    assert_eq!(v.stored_messages, MESSAGES);
+
+    // And back to 1 pod: pod 0's disk still holds p0001 and p0003 as they were before the move,
+    // healthy but stale. They are moved aside (kept, not deleted) and restored from what pod 1
+    // released.
+    let single = NodeProcess::start(dir0.path(), &sim, &spec(1, 0)).await;
+    single.wait_caught_up(&sim, Duration::from_secs(60)).await;
+    let stderr0 = single.stderr_text();
+    assert!(single.stop().await.success());
+    assert_eq!(
+        stderr0
+            .matches("is behind what its last owner released; moving it aside")
+            .count(),
+        2,
+        "{stderr0}"
+    );
+    let kept_aside = std::fs::read_dir(dir0.path().join("data/partitions"))
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("p0001.sqlite3.stale-") || name.starts_with("p0003.sqlite3.stale-")
+        })
+        .count();
+    assert_eq!(
+        kept_aside, 2,
+        "the stale files were kept aside, not deleted"
+    );
+    assert_eq!(
+        stderr0.matches("decision=Restored").count(),
+        2,
+        "p0001 and p0003 came from the replica:\n{stderr0}"
+    );
+    for s in sim.status().shards {
+        assert_eq!(s.identifies, 1, "{s:?}");
+    }
+    let v = verify(
+        &dir0.path().join("data"),
         Topology::new(2, 4, 1).unwrap(),
         &sim.expected(),
     )
