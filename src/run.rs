@@ -363,14 +363,16 @@ fn move_aside_stale_files(
         if !path.exists() {
             continue;
         }
-        let local = PartitionStore::open_read_only(&path, p)
-            .ok()
-            .and_then(|store| {
-                store
-                    .applied_session(topology.shard_of_partition(p), topology.shards())
-                    .ok()
-                    .flatten()
-            });
+        // A file that cannot be read is not judged here: restore before open checks its health
+        // and moves it aside as corrupt if it is.
+        let Ok(store) = PartitionStore::open_read_only(&path, p) else {
+            continue;
+        };
+        let Ok(local) = store.applied_session(topology.shard_of_partition(p), topology.shards())
+        else {
+            continue;
+        };
+        drop(store);
         let current = local.as_ref().is_some_and(|a| {
             a.session_id == position.session_id && a.applied_seq >= position.applied_seq
         });
