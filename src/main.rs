@@ -80,12 +80,7 @@ async fn dispatch(command: Command) -> ExitCode {
         Command::Litestream(LitestreamCommand::Config { config }) => {
             match Config::load(config.as_deref()) {
                 Ok(c) => {
-                    let t = c.topology();
-                    let owned: Vec<_> = t
-                        .shards_of_pod(c.cluster.ordinal)
-                        .into_iter()
-                        .flat_map(|s| t.partitions_of_shard(s))
-                        .collect();
+                    let owned = c.topology().partitions_of_pod(c.cluster.ordinal);
                     print!("{}", litestream_config::render(&c, &owned));
                     ExitCode::SUCCESS
                 }

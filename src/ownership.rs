@@ -264,6 +264,15 @@ impl Topology {
             .collect()
     }
 
+    /// The partitions pod `pod` owns: those of its shards ([`Topology::shards_of_pod`]), in
+    /// shard order (DESIGN §2).
+    pub fn partitions_of_pod(&self, pod: u32) -> Vec<PartitionId> {
+        self.shards_of_pod(pod)
+            .into_iter()
+            .flat_map(|s| self.partitions_of_shard(s))
+            .collect()
+    }
+
     fn check_shard(&self, shard: u32) {
         assert!(
             shard < self.shards,

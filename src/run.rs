@@ -116,13 +116,15 @@ pub async fn run(
         .map_err(|e| RunError::Metrics(e.to_string()))?;
     // One writer per partition (DESIGN §7): with a replica, nothing is restored, opened or
     // uploaded before this process holds the lease of every partition it owns.
+    let config_topology = config.topology();
+    let owned = config_topology.partitions_of_pod(config.cluster.ordinal);
     let mut keeper = match config.replication.mode {
         ReplicationMode::Off => None,
-        ReplicationMode::Child | ReplicationMode::External => Some(acquire_leases(&config).await?),
+        ReplicationMode::Child | ReplicationMode::External => {
+            Some(acquire_leases(&config, &owned).await?)
+        }
     };
-    let owned = owned_partitions(&config);
     let data_dir = config.storage.data_dir.clone();
-    let config_topology = config.topology();
     if let Some(keeper) = &keeper {
         let released = keeper.released_before().await;
         move_aside_stale_files(&data_dir, &config_topology, &released)
@@ -278,17 +280,8 @@ async fn check_object_store(config: &Config) -> Result<(), crate::cluster::Bucke
     Ok(())
 }
 
-/// The partitions this pod owns: those of its shards (DESIGN §2).
-fn owned_partitions(config: &Config) -> Vec<PartitionId> {
-    let t = config.topology();
-    t.shards_of_pod(config.cluster.ordinal)
-        .into_iter()
-        .flat_map(|s| t.partitions_of_shard(s))
-        .collect()
-}
-
 /// Takes the lease of every owned partition, waiting for those another process holds.
-async fn acquire_leases(config: &Config) -> Result<LeaseKeeper, RunError> {
+async fn acquire_leases(config: &Config, owned: &[PartitionId]) -> Result<LeaseKeeper, RunError> {
     let store = crate::cluster::connect(config)?;
     let ttl = Duration::from_secs(config.cluster.lease_ttl_secs);
     let leases = Leases::new(
@@ -298,7 +291,7 @@ async fn acquire_leases(config: &Config) -> Result<LeaseKeeper, RunError> {
         ttl,
         config.cluster.partitions,
     );
-    Ok(LeaseKeeper::acquire(Arc::new(leases), &owned_partitions(config), ttl).await?)
+    Ok(LeaseKeeper::acquire(Arc::new(leases), owned, ttl).await?)
 }
 
 /// What each partition file applied, read after the node stopped: the next owner resumes from

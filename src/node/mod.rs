@@ -171,11 +171,7 @@ impl Node {
         .proxy_url(gateway_url)
         .queue(queue)
         .build();
-        let owned: Vec<PartitionId> = topology
-            .shards_of_pod(config.cluster.ordinal)
-            .into_iter()
-            .flat_map(|s| topology.partitions_of_shard(s))
-            .collect();
+        let owned = topology.partitions_of_pod(config.cluster.ordinal);
         let data_dir = replication::litestream_config::absolute_data_dir(&config);
         let pid_file = data_dir.join("litestream.pid");
         if config.replication.mode == ReplicationMode::Child {

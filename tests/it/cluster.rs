@@ -163,14 +163,13 @@ async fn with_several_pods_a_store_that_ignores_if_match_is_refused_and_moto_pas
     assert!(node.stop().await.success());
 }
 
-/// Two copies of pod 0 (its own disk each, one bucket): the second waits for the leases and
-/// writes nothing while the first holds them. When the first stops (final sync, leases released
-/// with their positions), the second takes the leases, restores every partition from the
-/// replica and resumes the same Discord sessions: no identify, every message exactly once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_copy_of_a_pod_waits_for_the_leases_then_resumes_the_same_sessions() {
-    const MESSAGES: u64 = 10_000;
-    let bucket = s3::bucket("same-ordinal").await;
+/// Messages in the handoff tests' stream.
+const MESSAGES: u64 = 10_000;
+
+/// The handoff tests' simulator: 100 guilds on 2 shards, 10,000 messages at 4,000/s, its stream
+/// held at a third so every handoff comes mid-stream however slow the machine. Returns it with
+/// its script length.
+async fn handoff_sim() -> (Simulator, u64) {
     let sim = Simulator::start(SimConfig {
         guilds: 100,
         shards: 2,
@@ -181,14 +180,31 @@ async fn a_second_copy_of_a_pod_waits_for_the_leases_then_resumes_the_same_sessi
     .await
     .unwrap();
     let total = script_total(&sim);
-    // The handoff must come mid-stream, however slow the machine: the stream holds at a third.
     sim.hold_script_at(Some(total / 3));
-    let spec = NodeSpec {
+    (sim, total)
+}
+
+/// Pod `ordinal` of `pods` over the handoff simulator's 2 shards and 4 partitions, replicating
+/// to `bucket`.
+fn handoff_spec(bucket: &str, pods: u32, ordinal: u32) -> NodeSpec {
+    NodeSpec {
         shards: 2,
         partitions: 4,
-        extra_toml: s3::replication_toml(&bucket, s3::endpoint(), 60),
+        cluster_toml: format!("pods = {pods}\nordinal = {ordinal}\n"),
+        extra_toml: s3::replication_toml(bucket, s3::endpoint(), 60),
         ..NodeSpec::default()
-    };
+    }
+}
+
+/// Two copies of pod 0 (its own disk each, one bucket): the second waits for the leases and
+/// writes nothing while the first holds them. When the first stops (final sync, leases released
+/// with their positions), the second takes the leases, restores every partition from the
+/// replica and resumes the same Discord sessions: no identify, every message exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_copy_of_a_pod_waits_for_the_leases_then_resumes_the_same_sessions() {
+    let bucket = s3::bucket("same-ordinal").await;
+    let (sim, total) = handoff_sim().await;
+    let spec = handoff_spec(&bucket, 1, 0);
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let first = NodeProcess::start(dir_a.path(), &sim, &spec).await;
     wait_for(
@@ -256,26 +272,9 @@ async fn a_second_copy_of_a_pod_waits_for_the_leases_then_resumes_the_same_sessi
 /// every message exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scaling_one_to_two_pods_and_back_moves_a_shard_with_its_data_and_its_session() {
-    const MESSAGES: u64 = 10_000;
     let bucket = s3::bucket("scale-1-2").await;
-    let sim = Simulator::start(SimConfig {
-        guilds: 100,
-        shards: 2,
-        messages: MESSAGES,
-        rate: Some(4_000),
-        ..SimConfig::default()
-    })
-    .await
-    .unwrap();
-    let total = script_total(&sim);
-    sim.hold_script_at(Some(total / 3));
-    let spec = |pods: u32, ordinal: u32| NodeSpec {
-        shards: 2,
-        partitions: 4,
-        cluster_toml: format!("pods = {pods}\nordinal = {ordinal}\n"),
-        extra_toml: s3::replication_toml(&bucket, s3::endpoint(), 60),
-        ..NodeSpec::default()
-    };
+    let (sim, total) = handoff_sim().await;
+    let spec = |pods: u32, ordinal: u32| handoff_spec(&bucket, pods, ordinal);
     let (dir0, dir1) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let single = NodeProcess::start(dir0.path(), &sim, &spec(1, 0)).await;
     wait_for(
