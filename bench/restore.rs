@@ -117,7 +117,9 @@ async fn main() {
         t.elapsed().as_secs_f64()
     );
     let yml = work.path().join("litestream.yml");
-    std::fs::write(&yml, render(&config, &partitions)).unwrap();
+    // Generation 0 (the prefix without an epoch): one process, no leases.
+    let epochs = partitions.iter().map(|p| (*p, 0)).collect();
+    std::fs::write(&yml, render(&config, &epochs)).unwrap();
     let t = Instant::now();
     let mut replicate = litestream(&["replicate", "-config", yml.to_str().unwrap()])
         .stdout(std::process::Stdio::null())
@@ -157,7 +159,7 @@ async fn main() {
 
     // 2. Replication lag: commit a marker, poll `litestream restore` until the marker is there.
     let lag_db = source.join(partitions[0].file_name());
-    let lag_url = replica_url(&config, partitions[0]);
+    let lag_url = replica_url(&config, partitions[0], 0);
     let mut lags = Vec::new();
     let conn = rusqlite::Connection::open(&lag_db).unwrap();
     conn.busy_timeout(Duration::from_secs(5)).unwrap();
@@ -246,7 +248,7 @@ async fn main() {
             "restore",
             "-o",
             out_path.to_str().unwrap(),
-            &replica_url(&config, *p),
+            &replica_url(&config, *p, 0),
         ])
         .output()
         .unwrap();

@@ -134,6 +134,11 @@ pub struct ClusterConfig {
     /// not renew before it runs out. With replication on, the renewals (partitions × 3 / TTL per
     /// second) must stay within 5 % of `replication.request_budget_per_sec`.
     pub lease_ttl_secs: u64,
+    /// How long a superseded replica generation is kept once the current one has data, seconds,
+    /// default 3600 (DESIGN §7 fence). Each lease epoch replicates to a prefix of its own; older
+    /// epochs' prefixes are deleted after this, so the bucket does not grow with every restart
+    /// or move, while a restore drill can still read the previous generation for a while.
+    pub superseded_retention_secs: u64,
 }
 
 /// Share of `replication.request_budget_per_sec` that lease renewals may spend, in percent.
@@ -147,6 +152,7 @@ impl Default for ClusterConfig {
             partitions: 64,
             peer_url_template: "http://gateway-{ordinal}.gateway-internal:3000".to_owned(),
             lease_ttl_secs: 60,
+            superseded_retention_secs: 3600,
         }
     }
 }
@@ -919,7 +925,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(count, 33);
+        assert_eq!(count, 34);
         // Optional keys are commented out (their default is None).
         for key in ["# gateway_url = ", "# endpoint = ", "# bucket = "] {
             assert!(DEFAULT_TOML.contains(key), "{key}");

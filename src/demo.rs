@@ -16,6 +16,7 @@ use crate::cli::{DemoArgs, DemoReplica};
 use crate::config::{Config, ConfigError, ReplicationMode, Secret};
 use crate::node::{Node, NodeError, NodeStatus};
 use crate::ownership::{PartitionId, Topology};
+use crate::replication::Epochs;
 use crate::replication::restore::{Decision, restore_before_open};
 use crate::simulator::{Expected, SimConfig, SimError, SimStatus, Simulator};
 use crate::store::StoreError;
@@ -253,7 +254,9 @@ pub async fn run(args: &DemoArgs) -> Result<DemoReport, DemoError> {
     bar.set_message("ingesting");
 
     let starting = Instant::now();
-    let node = Node::start(config.clone()).await?;
+    // One process on a prefix of its own: no other writer to fence, so no leases, and the
+    // replica is generation 0 (the prefix without an epoch).
+    let node = Node::start(config.clone(), Epochs::new()).await?;
     // Ingest is timed from here: restore decisions and file opening are reported apart.
     let startup = starting.elapsed();
     let started = Instant::now();
@@ -334,7 +337,8 @@ async fn lost_disk(config: &Config, expected: &Arc<Expected>) -> Result<RestoreC
     let topology = config.topology();
     let partitions: Vec<PartitionId> = (0..topology.partitions()).map(PartitionId).collect();
     let started = Instant::now();
-    let outcomes = restore_before_open(config, &partitions).await?;
+    let epochs: Epochs = partitions.iter().map(|p| (*p, 0)).collect();
+    let outcomes = restore_before_open(config, &epochs).await?;
     let elapsed = started.elapsed();
     let restored = outcomes
         .iter()

@@ -13,7 +13,7 @@
 //! | [`supervision`] | the one restart policy every supervisor uses: intensity and backoff (DESIGN §3) |
 //! | [`node`] | the actor tree: root supervisor, the Litestream child actor, shard groups, shard (twilight pump), partitions (DESIGN §3) |
 //! | [`store`] | one partition's SQLite file: schema, dispatch → rows, applied sequence, file checks (DESIGN §4–5) |
-//! | [`replication`] | `litestream.yml` rendering, restore before open, forced syncs and signals of the Litestream process — no actors (DESIGN §6) |
+//! | [`replication`] | `litestream.yml` rendering, replica generations (one per lease epoch: the fence), restore before open, forced syncs and signals of the Litestream process — no actors (DESIGN §6–7) |
 //! | [`cluster`] | one writer per partition: partition leases on S3 conditional writes, the store's capability check, the data-dir lock and recorded partition count — no actors (DESIGN §7) |
 //! | [`http`] | health and readiness endpoints (DESIGN §8) |
 //! | [`simulator`] | the in-tree Discord gateway, a library for tests, benches and the demo (DESIGN §10) |

@@ -80,8 +80,10 @@ async fn dispatch(command: Command) -> ExitCode {
         Command::Litestream(LitestreamCommand::Config { config }) => {
             match Config::load(config.as_deref()) {
                 Ok(c) => {
+                    // For a sidecar (external mode): generation 0, the prefix without an epoch.
                     let owned = c.topology().partitions_of_pod(c.cluster.ordinal);
-                    print!("{}", litestream_config::render(&c, &owned));
+                    let epochs = owned.iter().map(|p| (*p, 0)).collect();
+                    print!("{}", litestream_config::render(&c, &epochs));
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(2, &e.to_string()),

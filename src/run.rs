@@ -11,10 +11,71 @@ use crate::cluster::{LeaseError, LeaseKeeper, Leases, ReleasedPosition};
 use crate::config::{Config, ReplicationMode};
 use crate::node::{Node, NodeError};
 use crate::ownership::{PartitionId, Topology};
+use crate::replication::Epochs;
 use crate::store::PartitionStore;
 
 /// How often readiness is checked until the ready file is written.
 const READY_POLL: Duration = Duration::from_millis(100);
+/// Pause between passes over generations that could not be retired yet.
+const RETIRE_RETRY: Duration = Duration::from_secs(30);
+
+/// Aborts a background task when dropped (when `run` returns).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Deletes superseded replica generations of the partitions of `epochs` once
+/// `cluster.superseded_retention_secs` has passed and each current generation has data
+/// (DESIGN §7), retrying what could not be done yet every 30 s. Failures are logged, never
+/// fatal: an old generation left behind costs storage, not correctness.
+async fn retire_superseded_generations(config: Config, epochs: Epochs) {
+    tokio::time::sleep(Duration::from_secs(
+        config.cluster.superseded_retention_secs,
+    ))
+    .await;
+    let store = match crate::cluster::connect(&config) {
+        Ok(store) => store,
+        Err(e) => {
+            tracing::warn!(error = %crate::error_chain(&e), "superseded replica generations are not retired");
+            return;
+        }
+    };
+    let mut pending = epochs;
+    loop {
+        let mut done = Vec::new();
+        for (&partition, &epoch) in &pending {
+            match crate::replication::generations::retire_superseded(
+                store.as_ref(),
+                &config,
+                partition,
+                epoch,
+            )
+            .await
+            {
+                Ok(Some(deleted)) => {
+                    if deleted > 0 {
+                        tracing::info!(%partition, epoch, deleted, "superseded replica generations deleted");
+                    }
+                    done.push(partition);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(%partition, error = %crate::error_chain(&e),
+                    "superseded replica generations not deleted yet"),
+            }
+        }
+        for partition in done {
+            pending.remove(&partition);
+        }
+        if pending.is_empty() {
+            return;
+        }
+        tokio::time::sleep(RETIRE_RETRY).await;
+    }
+}
 
 /// Errors of the main job.
 #[derive(Debug, thiserror::Error)]
@@ -133,10 +194,21 @@ pub async fn run(
     // A lease lost while the node starts (restores, Litestream's first uploads) fences too. A
     // start that fails keeps its leases until they expire: its Litestream child may still be
     // making a last upload, so releasing them now could hand a partition over too early.
+    // The fence (DESIGN §7): in child mode each partition replicates to its lease epoch's
+    // generation. External mode stays on generation 0 (its sidecar cannot follow a new epoch at
+    // every start; it is single-pod only).
+    let epochs: Epochs = match (&keeper, config.replication.mode) {
+        (Some(keeper), ReplicationMode::Child) => keeper.epochs().await.into_iter().collect(),
+        _ => Epochs::new(),
+    };
+    // Started once the node is ready: every partition has then uploaded its first snapshot into
+    // its new generation.
+    let retire = (!epochs.is_empty()).then(|| (config.clone(), epochs.clone()));
+    let mut retirement: Option<AbortOnDrop> = None;
     let mut node = match keeper.as_mut() {
-        None => Node::start(config).await?,
+        None => Node::start(config, epochs).await?,
         Some(keeper) => tokio::select! {
-            started = Node::start(config) => started?,
+            started = Node::start(config, epochs) => started?,
             lost = keeper.lost() => fence_and_exit(&data_dir, &lost),
         },
     };
@@ -159,6 +231,11 @@ pub async fn run(
             tokio::time::sleep(READY_POLL).await;
         }
         tracing::info!("ready");
+        if let Some((config, epochs)) = retire {
+            retirement = Some(AbortOnDrop(tokio::spawn(retire_superseded_generations(
+                config, epochs,
+            ))));
+        }
         match &ready_file {
             Some(path) => write_ready_file(
                 path,

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::ownership::PartitionId;
+use crate::replication::Epochs;
 use crate::replication::litestream_config::{SHUTDOWN_SYNC_TIMEOUT_SECS, absolute_data_dir};
 use crate::replication::process::{ReplicaSync, signal};
 use crate::replication::restore::{Outcome, restore_before_open};
@@ -75,6 +76,9 @@ pub struct LitestreamArgs {
     pub policy: RestartPolicy,
     /// The node's config: replica settings for a restore while running.
     pub config: Config,
+    /// The lease epoch of each replicated partition: a restore while running reads the newest
+    /// generation up to it.
+    pub epochs: Epochs,
 }
 
 /// SIGTERMs the child when the actor's state is dropped without a stop (the actor was killed,
@@ -328,6 +332,10 @@ impl LitestreamState {
             // Not fatal: the other files are intact locally and the next child uploads them.
             tracing::warn!(error = %e, "restoring with some partitions not confirmed on the replica");
         }
-        restore_before_open(&self.args.config, partitions).await
+        let epochs: Epochs = partitions
+            .iter()
+            .map(|p| (*p, self.args.epochs.get(p).copied().unwrap_or_default()))
+            .collect();
+        restore_before_open(&self.args.config, &epochs).await
     }
 }

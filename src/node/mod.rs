@@ -28,8 +28,8 @@ use ractor::{Actor, ActorRef, Message, RpcReplyPort};
 use twilight_gateway::{ConfigBuilder, Intents};
 
 use crate::config::{Config, ReplicationMode};
-use crate::ownership::{PartitionId, Topology};
-use crate::replication::{self, process::ReplicaSync};
+use crate::ownership::Topology;
+use crate::replication::{self, Epochs, process::ReplicaSync};
 use crate::store::{Checkpointer, PartitionStore};
 use crate::supervision::RestartPolicy;
 use identify_queue::IdentifyQueue;
@@ -143,7 +143,11 @@ impl Node {
     /// [`NodeError::MissingToken`], [`NodeError::GatewayBot`]/[`NodeError::GatewayBotStatus`],
     /// [`NodeError::Replication`] if a restore fails, or [`NodeError::Start`] if a group cannot
     /// start (e.g. a partition file is not a database).
-    pub async fn start(config: Config) -> Result<Node, NodeError> {
+    ///
+    /// `epochs` holds the lease epoch of every owned partition when replicating (each partition
+    /// replicates to its epoch's generation and records the epoch in its file; 0 for the prefix
+    /// without an epoch); it is ignored with `replication.mode = "off"`.
+    pub async fn start(config: Config, epochs: Epochs) -> Result<Node, NodeError> {
         let token = config
             .discord
             .token
@@ -179,9 +183,13 @@ impl Node {
             // its final sync, and two processes on one replica path corrupt it.
             replication::process::stop_leftover(&pid_file).await;
         }
-        let prepared = replication::prepare(&config, &owned).await?;
+        let epochs: Epochs = owned
+            .iter()
+            .map(|p| (*p, epochs.get(p).copied().unwrap_or_default()))
+            .collect();
+        let prepared = replication::prepare(&config, &epochs).await?;
         if prepared.is_some() {
-            create_partition_files(&config, &owned).await?;
+            create_partition_files(&config, &epochs).await?;
         }
         let litestream = match prepared {
             Some(prepared) if config.replication.mode == ReplicationMode::Child => {
@@ -196,6 +204,7 @@ impl Node {
                     config_file: prepared.config_file,
                     policy: RestartPolicy::from(&config.supervision),
                     config: config.clone(),
+                    epochs,
                 })
             }
             _ => None,
@@ -283,17 +292,24 @@ impl Node {
 }
 
 /// Opens (creating and migrating) every owned partition file once, after restore decided and
-/// before Litestream starts: Litestream replicates the files that exist when it starts at once,
-/// and a file created later only after its next directory check — a short run could end before
-/// that and its final sync would miss the partition.
-async fn create_partition_files(config: &Config, owned: &[PartitionId]) -> Result<(), NodeError> {
+/// before Litestream starts, and records the lease epoch it is written under from now on:
+/// Litestream replicates the files that exist when it starts at once, and a file created later
+/// only after its next directory check — a short run could end before that and its final sync
+/// would miss the partition.
+async fn create_partition_files(config: &Config, epochs: &Epochs) -> Result<(), NodeError> {
     let data_dir = config.storage.data_dir.clone();
     let checkpointer = checkpointer(config.replication.mode);
-    let owned = owned.to_vec();
+    let epochs = epochs.clone();
     tokio::task::spawn_blocking(move || {
-        for p in owned {
-            PartitionStore::open(&PartitionStore::path_in(&data_dir, p), p, checkpointer)
-                .map_err(|e| NodeError::Start(crate::error_chain(&e)))?;
+        for (p, epoch) in epochs {
+            let mut store =
+                PartitionStore::open(&PartitionStore::path_in(&data_dir, p), p, checkpointer)
+                    .map_err(|e| NodeError::Start(crate::error_chain(&e)))?;
+            if epoch > 0 {
+                store
+                    .record_epoch(epoch)
+                    .map_err(|e| NodeError::Start(crate::error_chain(&e)))?;
+            }
         }
         Ok(())
     })

@@ -9,6 +9,8 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
+use super::generations::Epochs;
+pub use super::generations::replica_path;
 use crate::config::Config;
 use crate::ownership::PartitionId;
 use crate::store::PartitionStore;
@@ -72,19 +74,15 @@ struct Replica {
     sync_interval: String,
 }
 
-/// The object key prefix of a partition's replica: `{prefix}/partitions/p{id:04}` (DESIGN §6).
-pub fn replica_path(config: &Config, partition: PartitionId) -> String {
-    format!("{}/partitions/{partition}", config.replication.prefix)
-}
-
-/// The replica as a Litestream URL, for `litestream restore` without a config file:
-/// `s3://BUCKET/PREFIX/partitions/p0003?endpoint=…&region=…&force-path-style=true`.
-pub fn replica_url(config: &Config, partition: PartitionId) -> String {
+/// The replica of generation `epoch` of `partition` as a Litestream URL, for `litestream restore`
+/// without a config file: `s3://BUCKET/PREFIX/partitions/p0003/e00000002?endpoint=…&region=…&force-path-style=true`
+/// (the key prefix is [`replica_path`]'s, byte for byte).
+pub fn replica_url(config: &Config, partition: PartitionId, epoch: u64) -> String {
     let r = &config.replication;
     let base = format!(
         "s3://{}/{}",
         r.bucket.as_deref().unwrap_or_default(),
-        replica_path(config, partition)
+        replica_path(config, partition, epoch)
     );
     let params = [
         ("endpoint", r.endpoint.clone().unwrap_or_default()),
@@ -105,11 +103,12 @@ pub fn absolute_data_dir(config: &Config) -> PathBuf {
     }
 }
 
-/// Renders `litestream.yml` for `partitions` (this pod's), with a header saying where it came from.
+/// Renders `litestream.yml` for the partitions of `epochs` (this pod's), each replicating to the
+/// generation of its lease epoch, with a header saying where the file came from.
 ///
 /// # Panics
 /// Never: the structs always serialize.
-pub fn render(config: &Config, partitions: &[PartitionId]) -> String {
+pub fn render(config: &Config, epochs: &Epochs) -> String {
     let r = &config.replication;
     let data_dir = absolute_data_dir(config);
     let file = File {
@@ -126,15 +125,15 @@ pub fn render(config: &Config, partitions: &[PartitionId]) -> String {
             enabled: true,
             path: data_dir.join(SOCKET_NAME),
         },
-        dbs: partitions
+        dbs: epochs
             .iter()
-            .map(|&p| Db {
+            .map(|(&p, &epoch)| Db {
                 path: PartitionStore::path_in(&data_dir, p),
                 busy_timeout: "5s",
                 replica: Replica {
                     r#type: "s3",
                     bucket: r.bucket.clone().unwrap_or_default(),
-                    path: replica_path(config, p),
+                    path: replica_path(config, p, epoch),
                     endpoint: r.endpoint.clone().unwrap_or_default(),
                     region: r.region.clone(),
                     force_path_style: r.path_style,
@@ -151,6 +150,6 @@ pub fn render(config: &Config, partitions: &[PartitionId]) -> String {
          # AWS_SECRET_ACCESS_KEY (or LITESTREAM_ACCESS_KEY_ID / LITESTREAM_SECRET_ACCESS_KEY) itself.\n{yaml}",
         config.cluster.ordinal,
         config.cluster.pods,
-        partitions.len()
+        epochs.len()
     )
 }

@@ -1,5 +1,6 @@
-//! Replication and restore with Litestream (DESIGN §6): the rendered `litestream.yml`, restore
-//! before open, and the Litestream process (forced syncs, signals, a previous run's leftover).
+//! Replication and restore with Litestream (DESIGN §6): the rendered `litestream.yml`, replica
+//! generations (one per lease epoch, the fence of DESIGN §7), restore before open, and the
+//! Litestream process (forced syncs, signals, a previous run's leftover).
 //! No actors: the node supervises the `litestream replicate` child (`node::litestream`).
 //!
 //! | mode | shardlite renders the file | restores before open | runs `litestream replicate` |
@@ -8,9 +9,12 @@
 //! | `external` | yes | yes | no: a sidecar runs it with the same file |
 //! | `off` | no | no | no |
 
+pub mod generations;
 pub mod litestream_config;
 pub mod process;
 pub mod restore;
+
+pub use generations::{Epochs, GenerationError};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -127,6 +131,9 @@ pub enum ReplicationError {
         /// When the syncs were forced (`before stop`, `at session start`, …).
         purpose: &'static str,
     },
+    /// Listing or deleting replica generations failed.
+    #[error(transparent)]
+    Generations(#[from] GenerationError),
     /// A restore was asked of the Litestream child while it stops with the node.
     #[error("litestream is stopping; no restore")]
     Stopping,
@@ -141,14 +148,16 @@ pub struct Prepared {
     pub outcomes: Vec<restore::Outcome>,
 }
 
-/// Before any partition opens: renders and writes `data_dir/litestream.yml` for `partitions` and
-/// restores what needs restoring. Does nothing when `replication.mode = "off"`.
+/// Before any partition opens: renders and writes `data_dir/litestream.yml` for the partitions of
+/// `epochs` (each replicating to its lease epoch's generation), forgets Litestream's local state
+/// of previous generations, and restores what needs restoring. Does nothing when
+/// `replication.mode = "off"`.
 ///
 /// # Errors
-/// [`ReplicationError`] if the file cannot be written or a restore fails.
+/// [`ReplicationError`] if a file cannot be written or removed, or a restore fails.
 pub async fn prepare(
     config: &Config,
-    partitions: &[PartitionId],
+    epochs: &Epochs,
 ) -> Result<Option<Prepared>, ReplicationError> {
     if config.replication.mode == ReplicationMode::Off {
         return Ok(None);
@@ -159,13 +168,18 @@ pub async fn prepare(
         source,
     })?;
     let config_file = data_dir.join(litestream_config::FILE_NAME);
-    crate::write_atomic(&config_file, &litestream_config::render(config, partitions)).map_err(
+    crate::write_atomic(&config_file, &litestream_config::render(config, epochs)).map_err(
         |source| ReplicationError::Io {
             path: config_file.clone(),
             source,
         },
     )?;
-    let outcomes = restore::restore_before_open(config, partitions).await?;
+    for (&partition, &epoch) in epochs {
+        if epoch > 0 {
+            generations::forget_local_state(&data_dir, partition)?;
+        }
+    }
+    let outcomes = restore::restore_before_open(config, epochs).await?;
     Ok(Some(Prepared {
         config_file,
         outcomes,

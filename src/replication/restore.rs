@@ -17,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::Semaphore;
 
 use super::ReplicationError;
+use super::generations::{Epochs, newest_with_data};
 use super::litestream_config::{absolute_data_dir, replica_url};
 use crate::config::Config;
 use crate::ownership::PartitionId;
@@ -35,6 +36,10 @@ pub enum Decision {
     Kept,
     /// The file was restored from its replica.
     Restored,
+    /// The local file was healthy but older than the replica: it was written under an epoch
+    /// before the newest generation with data (another holder wrote the partition since). It
+    /// was moved aside and the file restored from the replica.
+    RestoredOverStale,
     /// No replica exists: the partition starts empty (a new partition).
     NoReplica,
 }
@@ -46,23 +51,31 @@ pub struct Outcome {
     pub partition: PartitionId,
     /// What was decided.
     pub decision: Decision,
-    /// Where a bad local file was moved (never deleted), if one was.
+    /// Where a bad or stale local file was moved (never deleted), if one was.
     pub moved_aside: Option<PathBuf>,
+    /// The replica generation restored from (the lease epoch that wrote it; 0 is the prefix
+    /// without an epoch), when one was.
+    pub generation: Option<u64>,
     /// Time spent on this partition.
     pub millis: u64,
 }
 
-/// Restores every partition of `partitions` that needs it, at most
-/// `replication.restore_parallelism` at a time, drawing a progress bar on a terminal.
+/// Restores every partition of `epochs` (partition → the lease epoch this process holds it
+/// under) that needs it, at most `replication.restore_parallelism` at a time, drawing a progress
+/// bar on a terminal. A restore reads the newest replica generation with data up to the
+/// partition's epoch ([`newest_with_data`]); a healthy local file recorded under an older epoch
+/// than that generation is stale and is restored over (moved aside first).
 ///
 /// # Errors
 /// [`ReplicationError`] for the first partition that could not be decided: the endpoint is
-/// unreachable, Litestream failed or timed out, or a bad file could not be moved aside. Nothing is
-/// opened or created for any partition in that case.
+/// unreachable, a listing failed, Litestream failed or timed out, or a bad file could not be
+/// moved aside. Nothing is opened or created for any partition in that case.
 pub async fn restore_before_open(
     config: &Config,
-    partitions: &[PartitionId],
+    epochs: &Epochs,
 ) -> Result<Vec<Outcome>, ReplicationError> {
+    let partitions: Vec<PartitionId> = epochs.keys().copied().collect();
+    let store = crate::cluster::connect(config).map_err(super::GenerationError::from)?;
     let data_dir = absolute_data_dir(config);
     let dir = data_dir.join("partitions");
     std::fs::create_dir_all(&dir).map_err(|source| ReplicationError::Io {
@@ -80,9 +93,9 @@ pub async fn restore_before_open(
         .await
         .expect("file_health does not panic")
     };
-    if healths.iter().any(|h| *h != FileHealth::Healthy) {
-        probe_endpoint(config).await?;
-    }
+    // Every partition's generations are listed, healthy file or not: fail fast, naming the
+    // endpoint, if the store cannot be reached at all.
+    probe_endpoint(config).await?;
     let bar = if std::io::stderr().is_terminal() {
         indicatif::ProgressBar::new(partitions.len() as u64)
     } else {
@@ -97,12 +110,14 @@ pub async fn restore_before_open(
         let permits = permits.clone();
         let config = config.clone();
         let data_dir = data_dir.clone();
+        let store = store.clone();
+        let epoch = epochs.get(&partition).copied().unwrap_or_default();
         tasks.spawn(async move {
             let _permit = permits
                 .acquire_owned()
                 .await
                 .expect("semaphore is never closed");
-            restore_one(&config, &data_dir, partition, health).await
+            restore_one(&config, store.as_ref(), &data_dir, partition, epoch, health).await
         });
     }
     let mut outcomes = Vec::with_capacity(partitions.len());
@@ -118,21 +133,38 @@ pub async fn restore_before_open(
 
 async fn restore_one(
     config: &Config,
+    store: &dyn object_store::ObjectStore,
     data_dir: &Path,
     partition: PartitionId,
+    epoch: u64,
     health: FileHealth,
 ) -> Result<Outcome, ReplicationError> {
     let started = Instant::now();
     let path = PartitionStore::path_in(data_dir, partition);
     let mut moved_aside = None;
+    let newest = newest_with_data(store, config, partition, epoch).await?;
+    let mut over_stale = false;
     match &health {
         FileHealth::Healthy => {
-            return Ok(Outcome {
-                partition,
-                decision: Decision::Kept,
-                moved_aside,
-                millis: 0,
-            });
+            let local = recorded_epoch(&path, partition).await?;
+            match newest {
+                Some(newest) if local < newest => {
+                    tracing::warn!(%partition, path = %path.display(), local_epoch = local,
+                        replica_epoch = newest,
+                        "local partition file was written before the replica's newest generation; moving it aside and restoring");
+                    moved_aside = move_aside(&path, "stale")?;
+                    over_stale = true;
+                }
+                _ => {
+                    return Ok(Outcome {
+                        partition,
+                        decision: Decision::Kept,
+                        moved_aside,
+                        generation: None,
+                        millis: 0,
+                    });
+                }
+            }
         }
         FileHealth::Missing => {
             // A leftover -wal or -shm would be replayed onto the restored file (nothing ties a
@@ -153,11 +185,22 @@ async fn restore_one(
     let tmp = path.with_extension("sqlite3.restoring");
     // Our own leftover from an interrupted restore; it never held the partition.
     remove_if_exists(&tmp)?;
+    let Some(generation) = newest else {
+        let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        tracing::info!(%partition, decision = ?Decision::NoReplica, millis, "restore decided");
+        return Ok(Outcome {
+            partition,
+            decision: Decision::NoReplica,
+            moved_aside,
+            generation: None,
+            millis,
+        });
+    };
     let timeout = Duration::from_secs(config.replication.restore_timeout_secs);
     let mut cmd = super::litestream_command(&config.replication.litestream_bin);
     cmd.args(["restore", "-if-replica-exists", "-o"])
         .arg(&tmp)
-        .arg(replica_url(config, partition))
+        .arg(replica_url(config, partition, generation))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
@@ -199,17 +242,44 @@ async fn restore_one(
             path: path.clone(),
             source,
         })?;
-        Decision::Restored
+        if over_stale {
+            Decision::RestoredOverStale
+        } else {
+            Decision::Restored
+        }
     } else {
-        Decision::NoReplica
+        // The listing saw data a moment ago: the generation was deleted meanwhile, which only a
+        // later holder's retirement does. Nothing was restored; say so rather than start empty.
+        return Err(ReplicationError::RestoreFailed {
+            partition,
+            status: "exit 0, no file".into(),
+            stderr: format!("generation {generation} disappeared during the restore"),
+        });
     };
     let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-    tracing::info!(%partition, ?decision, millis, "restore decided");
+    tracing::info!(%partition, ?decision, generation, millis, "restore decided");
     Ok(Outcome {
         partition,
         decision,
         moved_aside,
+        generation: Some(generation),
         millis,
+    })
+}
+
+/// The lease epoch a healthy local file recorded (0 if none), read off the async threads.
+async fn recorded_epoch(path: &Path, partition: PartitionId) -> Result<u64, ReplicationError> {
+    let file = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        PartitionStore::open_read_only(&file, partition)
+            .and_then(|store| store.recorded_epoch())
+            .map_err(|e| crate::error_chain(&e))
+    })
+    .await
+    .expect("reading the recorded epoch does not panic")
+    .map_err(|reason| ReplicationError::Unreadable {
+        path: path.to_owned(),
+        reason,
     })
 }
 

@@ -336,6 +336,48 @@ impl PartitionStore {
         &self.path
     }
 
+    /// Records that this file is written under lease epoch `epoch` from now on (DESIGN §7), so
+    /// a later start can tell a stale file from a current one ([`Self::recorded_epoch`]).
+    ///
+    /// # Errors
+    /// [`StoreError::Query`] if SQLite fails (a read-only handle, a full disk).
+    pub fn record_epoch(&mut self, epoch: u64) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO lease_epoch (id, epoch) VALUES (0, ?1)
+                 ON CONFLICT (id) DO UPDATE SET epoch = excluded.epoch",
+                params![i64::try_from(epoch).unwrap_or(i64::MAX)],
+            )
+            .map(drop)
+            .map_err(|source| self.query_err(source))
+    }
+
+    /// The lease epoch this file was last opened for writing under; 0 for a file that never
+    /// recorded one (written before epochs, or without replication).
+    ///
+    /// # Errors
+    /// [`StoreError::Query`] if SQLite fails.
+    pub fn recorded_epoch(&self) -> Result<u64, StoreError> {
+        let has_table: bool = self
+            .conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'lease_epoch')",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|source| self.query_err(source))?;
+        if !has_table {
+            return Ok(0);
+        }
+        self.conn
+            .query_row("SELECT epoch FROM lease_epoch WHERE id = 0", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .optional()
+            .map(|e| e.map_or(0, |e| u64::try_from(e).unwrap_or(0)))
+            .map_err(|source| self.query_err(source))
+    }
+
     /// The committed session of `shard_id` at `shard_total`, if any.
     ///
     /// A row written under another shard total (before resharding) is not returned: that session

@@ -116,6 +116,19 @@ const MIGRATIONS: &[Migration] = &[
         ) WITHOUT ROWID;
     ",
     },
+    Migration {
+        version: 3,
+        sql: r"
+        -- The lease epoch under which this file was last opened for writing (DESIGN §7). A
+        -- healthy file that says an older epoch than the newest replica generation with data
+        -- was written before another holder took the partition over: it is stale, and is
+        -- restored instead of kept. One row.
+        CREATE TABLE lease_epoch (
+            id    INTEGER PRIMARY KEY CHECK (id = 0),
+            epoch INTEGER NOT NULL
+        );
+    ",
+    },
 ];
 
 /// The schema version this build writes: the last migration's.

@@ -301,3 +301,29 @@ fn a_dead_letter_is_kept_once_and_advances_the_applied_sequence() {
     assert_eq!((out.duplicates, out.dead_letters), (1, 0));
     assert_eq!(store.counts().unwrap().dead_letters, 1);
 }
+
+#[test]
+fn the_recorded_lease_epoch_survives_reopening_and_is_zero_for_older_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p0000.sqlite3");
+    {
+        let store = open(&dir);
+        assert_eq!(store.recorded_epoch().unwrap(), 0);
+    }
+    {
+        let mut store = open(&dir);
+        store.record_epoch(7).unwrap();
+        store.record_epoch(12).unwrap();
+    }
+    let store = PartitionStore::open_read_only(&path, PartitionId(0)).unwrap();
+    assert_eq!(store.recorded_epoch().unwrap(), 12);
+    drop(store);
+    // A file from before schema version 3 has no lease_epoch table: it recorded nothing.
+    let old = dir.path().join("old.sqlite3");
+    rusqlite::Connection::open(&old)
+        .unwrap()
+        .execute_batch("PRAGMA user_version = 2; CREATE TABLE shard_session (x);")
+        .unwrap();
+    let store = PartitionStore::open_read_only(&old, PartitionId(0)).unwrap();
+    assert_eq!(store.recorded_epoch().unwrap(), 0);
+}

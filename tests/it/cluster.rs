@@ -15,7 +15,8 @@ use shardlite::simulator::{SimConfig, Simulator};
 use shardlite::verify::verify;
 
 use crate::harness::{
-    NodeProcess, NodeSpec, run_expecting_exit, script_sent, script_total, wait_for, write_config,
+    NodeProcess, NodeSpec, process_exited, run_expecting_exit, script_sent, script_total, wait_for,
+    write_config,
 };
 use crate::s3;
 
@@ -372,6 +373,156 @@ async fn scaling_one_to_two_pods_and_back_moves_a_shard_with_its_data_and_its_se
         &sim.expected(),
     )
     .unwrap();
+    assert!(v.is_exact(), "{v:?}");
+    assert_eq!(v.stored_messages, MESSAGES);
+}
+
+/// The lease epochs a run logged when it took its leases (`epochs=p0000@3 p0001@3 …`), by
+/// partition number.
+fn logged_epochs(stderr: &str) -> HashMap<u32, u64> {
+    let line = stderr
+        .lines()
+        .rfind(|l| l.contains("partition leases acquired"))
+        .expect("the run logged its leases");
+    line.split_whitespace()
+        .filter_map(|word| {
+            let (p, e) = word.trim_start_matches("epochs=").split_once('@')?;
+            Some((p.strip_prefix('p')?.parse().ok()?, e.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Sends `signal` (`STOP`, `CONT`) to process `pid`.
+fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// The fence (DESIGN §7): the old owner is paused (SIGSTOP) past its lease's expiry with
+/// writes its Litestream never uploaded; a new owner takes the leases at the next epoch,
+/// restores, resumes the sessions and ingests into its own replica generation. Then the old
+/// owner's Litestream wakes and uploads what it buffered — into the old epoch's generation —
+/// and the old owner itself wakes, finds its leases gone, and exits 1. A third pod restoring
+/// from the bucket gets the new owner's state: every message exactly once, one identify per
+/// shard, and the new owner deleted the superseded generation once its own had data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_old_owner_cannot_roll_back_the_new_owners_replica() {
+    let bucket = s3::bucket("sigstop").await;
+    let (sim, _) = handoff_sim().await;
+    let spec = handoff_spec(&bucket, 1, 0);
+    let new_owner_spec = NodeSpec {
+        cluster_toml: format!("{}superseded_retention_secs = 1\n", spec.cluster_toml),
+        ..spec.clone()
+    };
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let old = NodeProcess::start(dirs[0].path(), &sim, &spec).await;
+    old.wait_sessions_applied(&sim, Duration::from_secs(60))
+        .await;
+    old.wait_caught_up(&sim, Duration::from_secs(60)).await;
+    let old_epochs = logged_epochs(&old.stderr_text());
+    assert_eq!(old_epochs.len(), 4, "{old_epochs:?}");
+
+    // Its Litestream stops first: what the old owner applies from here is on its disk only.
+    let litestream = old
+        .litestream_pid()
+        .await
+        .expect("the old owner's litestream");
+    signal(litestream, "STOP");
+    let claimed = sim.status().script_claimed;
+    sim.hold_script_at(Some(claimed + 500));
+    old.wait_caught_up(&sim, Duration::from_secs(60)).await;
+    signal(old.pid(), "STOP");
+    let old_keys: Vec<_> = {
+        let mut keys = Vec::new();
+        for p in 0..4 {
+            keys.push(s3::replica_keys(&bucket, p).await.unwrap());
+        }
+        keys
+    };
+
+    // The new owner waits out the TTL, takes the leases at the next epoch, restores what the
+    // old one uploaded, and resumes from there (the simulator replays the rest).
+    let new = NodeProcess::start(dirs[1].path(), &sim, &new_owner_spec).await;
+    let new_epochs = logged_epochs(&new.stderr_text());
+    for (p, e) in &old_epochs {
+        assert_eq!(new_epochs[p], e + 1, "partition {p}");
+    }
+    let claimed = sim.status().script_claimed;
+    sim.hold_script_at(Some(claimed + 500));
+    new.wait_caught_up(&sim, Duration::from_secs(60)).await;
+    wait_for(
+        "the new owner to retire the superseded generations",
+        Duration::from_secs(60),
+        async || {
+            let text = new.stderr_text();
+            (text
+                .matches("superseded replica generations deleted")
+                .count()
+                == 4)
+                .then_some(())
+        },
+    )
+    .await;
+
+    // The old owner's Litestream wakes and uploads what it buffered, into its own generation.
+    signal(litestream, "CONT");
+    wait_for(
+        "the old owner's late upload",
+        Duration::from_secs(30),
+        async || {
+            for p in 0..4u32 {
+                let prefix = format!("test/partitions/p{p:04}/e{:08}/", old_epochs[&p]);
+                let keys = s3::replica_keys(&bucket, p).await?;
+                if keys
+                    .iter()
+                    .any(|k| k.starts_with(&prefix) && !old_keys[p as usize].contains(k))
+                {
+                    return Some(());
+                }
+            }
+            None
+        },
+    )
+    .await;
+    // The old owner wakes, finds its leases gone, and stops writing at once.
+    signal(old.pid(), "CONT");
+    let old_log = old.dir.join("stderr.log");
+    let status = old.wait_exit(Duration::from_secs(60)).await;
+    let old_stderr = std::fs::read_to_string(old_log).unwrap();
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "the old owner is fenced:\n{old_stderr}"
+    );
+    assert!(old_stderr.contains("partition lease lost"), "{old_stderr}");
+    assert!(process_exited(litestream), "its litestream is gone");
+
+    sim.hold_script_at(None);
+    sim.wait_all_sent(Duration::from_secs(120)).await.unwrap();
+    new.wait_caught_up(&sim, Duration::from_secs(60)).await;
+    assert!(new.stop().await.success());
+
+    // A third process restores from the bucket: the newest generation, the new owner's.
+    let third = NodeProcess::start(dirs[2].path(), &sim, &spec).await;
+    third.wait_caught_up(&sim, Duration::from_secs(60)).await;
+    let stderr = third.stderr_text();
+    let data_dir = third.data_dir.clone();
+    assert!(third.stop().await.success());
+    for (p, e) in &new_epochs {
+        assert!(
+            stderr.contains(&format!(
+                "partition=p{p:04} decision=Restored generation={e}"
+            )),
+            "p{p:04} restored from generation {e}:\n{stderr}"
+        );
+    }
+    for s in sim.status().shards {
+        assert_eq!(s.identifies, 1, "every move resumed: {s:?}");
+    }
+    let v = verify(&data_dir, Topology::new(2, 4, 1).unwrap(), &sim.expected()).unwrap();
     assert!(v.is_exact(), "{v:?}");
     assert_eq!(v.stored_messages, MESSAGES);
 }
