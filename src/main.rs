@@ -132,15 +132,31 @@ async fn dispatch(command: Command) -> ExitCode {
 }
 
 /// Resolves on ctrl-c or SIGTERM (what systemd and Kubernetes send to stop a process).
+///
+/// SIGHUP is caught and logged: re-reading the config on SIGHUP (DESIGN §12) is not built yet,
+/// and its default action would end the process without a graceful stop — no final sync, no
+/// lease release, so the next start would wait out a whole lease TTL.
 async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
         match signal(SignalKind::terminate()) {
             Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
+                let mut hangup = signal(SignalKind::hangup()).ok();
+                loop {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => break,
+                        _ = term.recv() => break,
+                        Some(()) = async {
+                            match hangup.as_mut() {
+                                Some(h) => h.recv().await,
+                                None => std::future::pending().await,
+                            }
+                        } => tracing::warn!(
+                            "SIGHUP ignored: re-reading the config is not supported yet; \
+                             restart the process (SIGTERM) to apply a new config"
+                        ),
+                    }
                 }
             }
             Err(e) => {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::cluster::{LeaseError, LeaseKeeper, Leases, ReleasedPosition};
+use crate::cluster::{LeaseError, LeaseKeeper, LeaseWait, Leases, ReleasedPosition};
 use crate::config::{Config, ReplicationMode};
 use crate::node::{Node, NodeError};
 use crate::ownership::{PartitionId, Topology};
@@ -175,6 +175,25 @@ pub async fn run(
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .map_err(|e| RunError::Metrics(e.to_string()))?;
+    // Served from here on: while the pod waits for leases, /readyz says for which.
+    let (waits_tx, waits) = tokio::sync::watch::channel(Default::default());
+    let (node_tx, node_rx) = tokio::sync::watch::channel(None);
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let http = tokio::spawn(crate::http::serve(
+        listener,
+        crate::http::router(
+            crate::http::PodStatus {
+                waits,
+                node: node_rx,
+            },
+            metrics,
+        ),
+        async move {
+            // Either a stop request or the sender dropped: both mean stop.
+            let _ = http_stopped.await;
+        },
+    ));
+    tracing::info!(http = %http_addr, "serving /healthz, /readyz and /metrics");
     // One writer per partition (DESIGN §7): with a replica, nothing is restored, opened or
     // uploaded before this process holds the lease of every partition it owns.
     let config_topology = config.topology();
@@ -182,14 +201,13 @@ pub async fn run(
     let mut keeper = match config.replication.mode {
         ReplicationMode::Off => None,
         ReplicationMode::Child | ReplicationMode::External => {
-            Some(acquire_leases(&config, &owned).await?)
+            Some(acquire_leases(&config, &owned, &waits_tx).await?)
         }
     };
     let data_dir = config.storage.data_dir.clone();
     if let Some(keeper) = &keeper {
         let released = keeper.released_before().await;
-        move_aside_stale_files(&data_dir, &config_topology, &released)
-            .map_err(|e| RunError::Node(e.into()))?;
+        move_aside_stale_files(&data_dir, &released).map_err(|e| RunError::Node(e.into()))?;
     }
     // A lease lost while the node starts (restores, Litestream's first uploads) fences too. A
     // start that fails keeps its leases until they expire: its Litestream child may still be
@@ -213,16 +231,7 @@ pub async fn run(
         },
     };
     let status = node.status_handle();
-    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
-    let http = tokio::spawn(crate::http::serve(
-        listener,
-        crate::http::router(status.clone(), metrics),
-        async move {
-            // Either a stop request or the sender dropped: both mean stop.
-            let _ = http_stopped.await;
-        },
-    ));
-    tracing::info!(http = %http_addr, "serving /healthz, /readyz and /metrics");
+    node_tx.send_replace(Some(status.clone()));
     let ready = async {
         loop {
             if status.status(READY_POLL * 50).await.is_ok_and(|s| s.ready) {
@@ -357,8 +366,13 @@ async fn check_object_store(config: &Config) -> Result<(), crate::cluster::Bucke
     Ok(())
 }
 
-/// Takes the lease of every owned partition, waiting for those another process holds.
-async fn acquire_leases(config: &Config, owned: &[PartitionId]) -> Result<LeaseKeeper, RunError> {
+/// Takes the lease of every owned partition, waiting for those another process holds (and
+/// saying which in `waits`).
+async fn acquire_leases(
+    config: &Config,
+    owned: &[PartitionId],
+    waits: &tokio::sync::watch::Sender<std::collections::BTreeMap<PartitionId, LeaseWait>>,
+) -> Result<LeaseKeeper, RunError> {
     let store = crate::cluster::connect(config)?;
     let ttl = Duration::from_secs(config.cluster.lease_ttl_secs);
     let leases = Leases::new(
@@ -368,7 +382,7 @@ async fn acquire_leases(config: &Config, owned: &[PartitionId]) -> Result<LeaseK
         ttl,
         config.cluster.partitions,
     );
-    Ok(LeaseKeeper::acquire(Arc::new(leases), owned, ttl).await?)
+    Ok(LeaseKeeper::acquire(Arc::new(leases), owned, ttl, waits).await?)
 }
 
 /// What each partition file applied, read after the node stopped: the next owner resumes from
@@ -425,7 +439,6 @@ fn fence_and_exit(data_dir: &Path, lost: &LeaseError) -> ! {
 /// deleted), so restore before open brings the replica's copy.
 fn move_aside_stale_files(
     data_dir: &Path,
-    topology: &Topology,
     released: &HashMap<PartitionId, ReleasedPosition>,
 ) -> Result<(), crate::replication::ReplicationError> {
     for (&p, position) in released {
@@ -438,8 +451,10 @@ fn move_aside_stale_files(
         let Ok(store) = PartitionStore::open_read_only(&path, p) else {
             continue;
         };
-        let Ok(local) = store.applied_session(topology.shard_of_partition(p), topology.shards())
-        else {
+        // The position was recorded under the releasing holder's shard total, which a
+        // reshard (S → 2S) changes: compare with the session the file holds under that total.
+        let shard = p.0 % position.shard_total.max(1);
+        let Ok(local) = store.applied_session(shard, position.shard_total) else {
             continue;
         };
         drop(store);

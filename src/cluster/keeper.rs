@@ -3,12 +3,12 @@
 //! in the background, reports the first one it cannot keep, and releases them on a graceful
 //! stop with the position each partition reached.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
-use tokio::sync::{Mutex, oneshot};
+use tokio::sync::{Mutex, oneshot, watch};
 use tokio::time::Instant;
 
 use super::lease::{Acquire, HeldLease, LeaseError, Leases, ReleasedPosition};
@@ -21,6 +21,25 @@ const CONCURRENCY: usize = 8;
 const MAX_FAILURES: u32 = 10;
 /// Pause after a failed request before the next attempt.
 const RETRY: Duration = Duration::from_secs(1);
+
+/// A lease this process waits for: who holds it now.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LeaseWait {
+    /// The current holder (pod ordinal, host and process).
+    pub holder: String,
+    /// The holder's epoch.
+    pub epoch: u64,
+    /// Longest the lease can still be valid without another renewal, seconds, when last looked
+    /// at.
+    pub free_within_secs: u64,
+    /// The holder renewed the lease while this process watched: it is alive (a crashed
+    /// holder's lease just runs out).
+    pub live: bool,
+}
+
+/// The partitions whose lease [`LeaseKeeper::acquire`] is still waiting for, updated as it goes
+/// (empty once it holds them all); `/readyz` shows it while the pod starts.
+pub type LeaseWaits = watch::Receiver<BTreeMap<PartitionId, LeaseWait>>;
 
 /// The leases of one run. Dropping it stops the renewals (the leases then expire).
 pub struct LeaseKeeper {
@@ -46,7 +65,8 @@ impl Drop for LeaseKeeper {
 
 impl LeaseKeeper {
     /// Acquires the lease of every partition in `partitions`, waiting (and logging whom it
-    /// waits for) while another process holds one, then starts renewing them.
+    /// waits for) while another process holds one, then starts renewing them. `waits` is kept
+    /// up to date with the leases still waited for (see [`LeaseWaits`]).
     ///
     /// # Errors
     /// [`LeaseError::PartitionsChanged`] or [`LeaseError::Malformed`]; a request error when the
@@ -56,12 +76,15 @@ impl LeaseKeeper {
         leases: Arc<Leases>,
         partitions: &[PartitionId],
         ttl: Duration,
+        waits: &watch::Sender<BTreeMap<PartitionId, LeaseWait>>,
     ) -> Result<Self, LeaseError> {
         let started = Instant::now();
         // All at once: an expired lease is taken only after a full TTL of watching it, and
         // every partition's TTL must run in parallel, not in turns.
         let held: Vec<HeldLease> = futures_util::future::join_all(
-            partitions.iter().map(|&p| acquire_one(&leases, p, ttl)),
+            partitions
+                .iter()
+                .map(|&p| acquire_one(&leases, p, ttl, waits)),
         )
         .await
         .into_iter()
@@ -161,18 +184,36 @@ async fn acquire_one(
     leases: &Leases,
     partition: PartitionId,
     ttl: Duration,
+    waits: &watch::Sender<BTreeMap<PartitionId, LeaseWait>>,
 ) -> Result<HeldLease, LeaseError> {
     let mut waiting_for: Option<(String, u64)> = None;
     let mut failures = 0;
     loop {
         match leases.acquire(partition).await {
-            Ok(Acquire::Acquired(lease)) => return Ok(lease),
+            Ok(Acquire::Acquired(lease)) => {
+                waits.send_modify(|w| {
+                    w.remove(&partition);
+                });
+                return Ok(lease);
+            }
             Ok(Acquire::Held {
                 holder,
                 epoch,
                 expires_in,
+                live,
             }) => {
                 failures = 0;
+                waits.send_modify(|w| {
+                    w.insert(
+                        partition,
+                        LeaseWait {
+                            holder: holder.clone(),
+                            epoch,
+                            free_within_secs: expires_in.as_secs(),
+                            live,
+                        },
+                    );
+                });
                 if waiting_for.as_ref() != Some(&(holder.clone(), epoch)) {
                     tracing::warn!(partition = %partition, %holder, epoch,
                         free_within_secs = expires_in.as_secs(),

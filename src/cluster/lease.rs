@@ -117,6 +117,9 @@ pub enum Acquire {
         epoch: u64,
         /// Longest the lease can still be valid without another renewal, from now.
         expires_in: Duration,
+        /// The lease changed while this process watched it (the holder renewed it, or another
+        /// contender took it over): a live process holds it, not one that crashed.
+        live: bool,
     },
 }
 
@@ -185,6 +188,8 @@ pub enum LeaseError {
 struct Sighting {
     etag: String,
     since: Instant,
+    /// The ETag changed at least once while watched.
+    changed: bool,
 }
 
 /// This process's side of the lease protocol over one bucket.
@@ -294,6 +299,7 @@ impl Leases {
                         holder: "(just created by another process)".to_owned(),
                         epoch: 1,
                         expires_in: self.ttl,
+                        live: true,
                     }),
                 },
                 Err(WriteError::Failed(e)) => Err(e),
@@ -310,7 +316,7 @@ impl Leases {
             });
         }
         let ttl = self.ttl.max(Duration::from_millis(record.ttl_ms));
-        let unchanged_for = {
+        let (unchanged_for, live) = {
             let mut sightings = self
                 .sightings
                 .lock()
@@ -318,14 +324,16 @@ impl Leases {
             let seen = sightings.entry(partition).or_insert_with(|| Sighting {
                 etag: etag.clone(),
                 since: seen_at,
+                changed: false,
             });
             if seen.etag != etag {
                 *seen = Sighting {
                     etag: etag.clone(),
                     since: seen_at,
+                    changed: true,
                 };
             }
-            seen_at.duration_since(seen.since)
+            (seen_at.duration_since(seen.since), seen.changed)
         };
         let released = record.released_at_ms.is_some();
         if !released && unchanged_for < ttl {
@@ -333,6 +341,7 @@ impl Leases {
                 holder: record.holder,
                 epoch: record.epoch,
                 expires_in: ttl - unchanged_for,
+                live,
             });
         }
         let epoch = record.epoch + 1;
@@ -355,6 +364,7 @@ impl Leases {
                 holder: "(taken over by another process)".to_owned(),
                 epoch,
                 expires_in: self.ttl,
+                live: true,
             });
         };
         self.forget(partition);

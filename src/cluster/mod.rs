@@ -17,7 +17,7 @@ pub mod lease;
 pub mod local;
 
 pub use bucket::{BucketError, connect, verify_conditional_writes};
-pub use keeper::LeaseKeeper;
+pub use keeper::{LeaseKeeper, LeaseWait, LeaseWaits};
 pub use lease::{
     Acquire, HeldLease, LeaseError, LeaseRecord, Leases, ReleasedPosition, holder_name,
 };

@@ -238,7 +238,52 @@ async fn a_second_copy_of_a_pod_waits_for_the_leases_then_resumes_the_same_sessi
         !dir_b.path().join("data/partitions").exists(),
         "the waiting copy created no partition file"
     );
-    assert!(!second.is_finished(), "the waiting copy is not ready");
+    assert!(
+        !second.is_finished(),
+        "the waiting copy has not started its node"
+    );
+    // It serves HTTP while it waits: ready (for what it holds: nothing yet), naming what it
+    // waits for, so a rolling update is not stuck on it.
+    let http = std::fs::read_to_string(&stderr_b)
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.contains("serving /healthz")
+                .then(|| l.rsplit("http=").next().unwrap().trim().to_owned())
+        })
+        .expect("the waiting copy logged its HTTP address");
+    // Ready once it has seen the first copy renew (a crashed holder's lease would just run
+    // out): within a renewal period, TTL / 3.
+    let body: serde_json::Value = wait_for(
+        "the waiting copy to be ready while it waits",
+        Duration::from_secs(30),
+        async || {
+            let resp = reqwest::get(format!("http://{http}/readyz")).await.ok()?;
+            (resp.status().as_u16() == 200).then_some(())?;
+            resp.json().await.ok()
+        },
+    )
+    .await;
+    assert_eq!(body["phase"], "waiting_for_leases", "{body}");
+    let waits = body["waiting_for_leases"].as_object().unwrap();
+    assert_eq!(
+        waits.keys().collect::<Vec<_>>(),
+        ["p0000", "p0001", "p0002", "p0003"],
+        "{body}"
+    );
+    assert!(
+        waits
+            .values()
+            .all(|w| w["holder"].as_str().unwrap().starts_with("pod-0@") && w["live"] == true),
+        "{body}"
+    );
+    let metrics = reqwest::get(format!("http://{http}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("shardlite_leases_waiting 4"), "{metrics}");
 
     assert!(first.stop().await.success());
     let second = tokio::task::spawn_blocking(move || second.join().unwrap())
