@@ -96,6 +96,13 @@ pub struct DiscordConfig {
     pub token: Option<Secret>,
     /// Identifies of the daily `session_start_limit` that are never spent, default 10.
     pub identify_reserve: u32,
+    /// Guard against clock skew between pods when they take turns to identify shards of one
+    /// `max_concurrency` bucket, milliseconds, default 1000; 1..=60000. Two pods' identifies of a
+    /// bucket stay ≥ 5 s apart while their wall clocks differ by less than this (plus the
+    /// difference in their latency to Discord). Each identify window is 5 s + this + 100 ms long,
+    /// so it also slows a multi-pod cold start; unused with one pod
+    /// ([`crate::node::identify_queue`]).
+    pub identify_clock_skew_ms: u64,
 }
 
 impl Default for DiscordConfig {
@@ -107,9 +114,14 @@ impl Default for DiscordConfig {
             intents: DEFAULT_INTENTS,
             token: None,
             identify_reserve: 10,
+            identify_clock_skew_ms: 1000,
         }
     }
 }
+
+/// Largest `discord.identify_clock_skew_ms`: a minute of skew means the clocks are not
+/// synchronised at all, and it would stretch every identify window to over a minute.
+pub const MAX_IDENTIFY_CLOCK_SKEW_MS: u64 = 60_000;
 
 /// Default gateway intents: GUILDS (1 << 0) | GUILD_MEMBERS (1 << 1) | GUILD_MESSAGES (1 << 9) |
 /// MESSAGE_CONTENT (1 << 15) = 33283 (Discord's intent bits).
@@ -487,7 +499,8 @@ impl Config {
     /// `cluster.partitions` a power of two, shards ≤ partitions, 1 ≤ pods ≤ shards);
     /// `cluster.ordinal < cluster.pods`; `cluster.peer_url_template` contains `{ordinal}` and is an
     /// http(s) URL; `discord.gateway_url` ws(s)://, `discord.api_url` http(s)://, both with a host
-    /// and no trailing `/`, query or fragment; `storage.data_dir` non-empty; `storage.batch_max`,
+    /// and no trailing `/`, query or fragment; `discord.identify_clock_skew_ms` in
+    /// 1..=[`MAX_IDENTIFY_CLOCK_SKEW_MS`]; `storage.data_dir` non-empty; `storage.batch_max`,
     /// `flush_interval_ms`, `watermark_interval_ms` ≥ 1; `storage.max_in_flight ≥ batch_max`;
     /// `replication.sync_interval_ms`, `restore_timeout_secs`, `restore_parallelism` ≥ 1,
     /// `region` non-empty, `prefix` non-empty without leading/trailing `/`, `endpoint` (if set) an
@@ -535,6 +548,16 @@ impl Config {
             check_url("discord.gateway_url", url, &["ws://", "wss://"])?;
         }
         check_url("discord.api_url", &d.api_url, &["http://", "https://"])?;
+        if !(1..=MAX_IDENTIFY_CLOCK_SKEW_MS).contains(&d.identify_clock_skew_ms) {
+            return Err(invalid(
+                "discord.identify_clock_skew_ms",
+                d.identify_clock_skew_ms,
+                format!(
+                    "must be 1..={MAX_IDENTIFY_CLOCK_SKEW_MS} ms: no two pods' clocks agree \
+                     exactly, and every identify window is 5.1 s plus this long"
+                ),
+            ));
+        }
 
         if s.data_dir.as_os_str().is_empty() {
             return Err(invalid("storage.data_dir", "\"\"", "must not be empty"));
@@ -1161,6 +1184,12 @@ mod tests {
             }),
             ("discord.api_url", |c| {
                 c.discord.api_url = "discord.com/api".into()
+            }),
+            ("discord.identify_clock_skew_ms", |c| {
+                c.discord.identify_clock_skew_ms = 0
+            }),
+            ("discord.identify_clock_skew_ms", |c| {
+                c.discord.identify_clock_skew_ms = 60_001
             }),
             ("storage.data_dir", |c| c.storage.data_dir = PathBuf::new()),
             ("storage.batch_max", |c| c.storage.batch_max = 0),

@@ -32,7 +32,7 @@ use crate::ownership::Topology;
 use crate::replication::{self, Epochs, process::ReplicaSync};
 use crate::store::{Checkpointer, PartitionStore};
 use crate::supervision::RestartPolicy;
-use identify_queue::IdentifyQueue;
+use identify_queue::{IdentifyQueue, IdentifySlots, SystemClock};
 use litestream::LitestreamArgs;
 pub use root::NodeStatus;
 use root::{NodeActor, NodeArgs, NodeMsg};
@@ -167,7 +167,19 @@ impl Node {
             .gateway_url
             .clone()
             .unwrap_or_else(|| info.url.trim_end_matches('/').to_owned());
-        let queue = IdentifyQueue::new(&info.session_start_limit, config.discord.identify_reserve);
+        // Pods take turns on the identify buckets they share; the wall clock tells whose turn it is.
+        let slots = IdentifySlots::new(
+            &topology,
+            config.cluster.ordinal,
+            info.session_start_limit.max_concurrency,
+            Duration::from_millis(config.discord.identify_clock_skew_ms),
+            Arc::new(SystemClock),
+        );
+        let queue = IdentifyQueue::with_slots(
+            &info.session_start_limit,
+            config.discord.identify_reserve,
+            slots,
+        );
         let gateway = ConfigBuilder::new(
             token.expose().to_owned(),
             Intents::from_bits_truncate(config.discord.intents),
