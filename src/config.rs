@@ -948,7 +948,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(count, 34);
+        assert_eq!(count, 35);
         // Optional keys are commented out (their default is None).
         for key in ["# gateway_url = ", "# endpoint = ", "# bucket = "] {
             assert!(DEFAULT_TOML.contains(key), "{key}");
