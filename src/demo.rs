@@ -256,7 +256,7 @@ pub async fn run(args: &DemoArgs) -> Result<DemoReport, DemoError> {
     let starting = Instant::now();
     // One process on a prefix of its own: no other writer to fence, so no leases, and the
     // replica is generation 0 (the prefix without an epoch).
-    let node = Node::start(config.clone(), Epochs::new()).await?;
+    let node = Node::start(config.clone(), crate::node::Leased::default()).await?;
     // Ingest is timed from here: restore decisions and file opening are reported apart.
     let startup = starting.elapsed();
     let started = Instant::now();

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::cluster::{LeaseError, LeaseKeeper, LeaseWait, Leases, ReleasedPosition};
 use crate::config::{Config, ReplicationMode};
-use crate::node::{Node, NodeError};
+use crate::node::{Leased, Node, NodeError};
 use crate::ownership::{PartitionId, Topology};
 use crate::replication::Epochs;
 use crate::store::PartitionStore;
@@ -205,13 +205,11 @@ pub async fn run(
         }
     };
     let data_dir = config.storage.data_dir.clone();
-    if let Some(keeper) = &keeper {
-        let released = keeper.released_before().await;
-        move_aside_stale_files(&data_dir, &released).map_err(|e| RunError::Node(e.into()))?;
-    }
-    // A lease lost while the node starts (restores, Litestream's first uploads) fences too. A
-    // start that fails keeps its leases until they expire: its Litestream child may still be
-    // making a last upload, so releasing them now could hand a partition over too early.
+    let released = match &keeper {
+        Some(keeper) => keeper.released_before().await,
+        None => HashMap::new(),
+    };
+    move_aside_stale_files(&data_dir, &released).map_err(|e| RunError::Node(e.into()))?;
     // The fence (DESIGN §7): in child mode each partition replicates to its lease epoch's
     // generation. External mode stays on generation 0 (its sidecar cannot follow a new epoch at
     // every start; it is single-pod only).
@@ -223,10 +221,14 @@ pub async fn run(
     // its new generation.
     let retire = (!epochs.is_empty()).then(|| (config.clone(), epochs.clone()));
     let mut retirement: Option<AbortOnDrop> = None;
+    let leased = Leased { epochs, released };
+    // A lease lost while the node starts (restores, Litestream's first uploads) fences too. A
+    // start that fails keeps its leases until they expire: its Litestream child may still be
+    // making a last upload, so releasing them now could hand a partition over too early.
     let mut node = match keeper.as_mut() {
-        None => Node::start(config, epochs).await?,
+        None => Node::start(config, leased).await?,
         Some(keeper) => tokio::select! {
-            started = Node::start(config, epochs) => started?,
+            started = Node::start(config, leased) => started?,
             lost = keeper.lost() => fence_and_exit(&data_dir, &lost),
         },
     };

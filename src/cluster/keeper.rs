@@ -79,35 +79,43 @@ impl LeaseKeeper {
         waits: &watch::Sender<BTreeMap<PartitionId, LeaseWait>>,
     ) -> Result<Self, LeaseError> {
         let started = Instant::now();
-        // All at once: an expired lease is taken only after a full TTL of watching it, and
-        // every partition's TTL must run in parallel, not in turns.
-        let held: Vec<HeldLease> = futures_util::future::join_all(
-            partitions
-                .iter()
-                .map(|&p| acquire_one(&leases, p, ttl, waits)),
-        )
-        .await
-        .into_iter()
-        .collect::<Result<_, _>>()?;
-        let epochs: Vec<String> = held
-            .iter()
-            .map(|l| format!("{}@{}", l.partition, l.epoch))
-            .collect();
-        tracing::info!(
-            leases = held.len(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            epochs = %epochs.join(" "),
-            "partition leases acquired"
-        );
-        let held = Arc::new(Mutex::new(held));
+        // Renewed from the first one on: a pod may wait long for the others (a rolling update
+        // releases them one pod at a time), and a lease not renewed for TTL × 2/3 must not be
+        // written at all.
+        let held = Arc::new(Mutex::new(Vec::with_capacity(partitions.len())));
         let (lost_tx, lost) = oneshot::channel();
-        let renewer = tokio::spawn(renew_forever(leases.clone(), held.clone(), lost_tx));
-        Ok(LeaseKeeper {
+        let renewer = tokio::spawn(renew_forever(leases.clone(), held.clone(), lost_tx, ttl));
+        let keeper = LeaseKeeper {
             leases,
             held,
             lost,
             renewer,
-        })
+        };
+        // All at once: an expired lease is taken only after a full TTL of watching it, and
+        // every partition's TTL must run in parallel, not in turns.
+        let (leases, held) = (&keeper.leases, &keeper.held);
+        futures_util::future::join_all(partitions.iter().map(|&p| async move {
+            let lease = acquire_one(leases, p, ttl, waits).await?;
+            held.lock().await.push(lease);
+            Ok::<_, LeaseError>(())
+        }))
+        .await
+        .into_iter()
+        .collect::<Result<Vec<()>, _>>()?;
+        let epochs: Vec<String> = keeper
+            .held
+            .lock()
+            .await
+            .iter()
+            .map(|l| format!("{}@{}", l.partition, l.epoch))
+            .collect();
+        tracing::info!(
+            leases = epochs.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            epochs = %epochs.join(" "),
+            "partition leases acquired"
+        );
+        Ok(keeper)
     }
 
     /// The epoch of each held lease (the fencing token), by partition.
@@ -238,15 +246,20 @@ async fn acquire_one(
     }
 }
 
-/// Renews every lease when due; sends the first loss and ends.
+/// Renews every lease when due; sends the first loss and ends. Leases join `held` while the
+/// keeper acquires them; while it holds none, it looks again every sixth of a TTL.
 async fn renew_forever(
     leases: Arc<Leases>,
     held: Arc<Mutex<Vec<HeldLease>>>,
     lost: oneshot::Sender<LeaseError>,
+    ttl: Duration,
 ) {
     loop {
         let next = held.lock().await.iter().map(HeldLease::renew_at).min();
-        let Some(next) = next else { return };
+        // A lease acquired meanwhile is due TTL / 3 after its acquisition at the earliest.
+        let next = next.map_or(Instant::now() + ttl / 6, |n| {
+            n.min(Instant::now() + ttl / 6)
+        });
         tokio::time::sleep_until(next).await;
         let mut guard = held.lock().await;
         let now = Instant::now();
@@ -299,4 +312,57 @@ fn is_fatal(e: &LeaseError) -> bool {
             ..
         }
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use object_store::ObjectStore;
+    use object_store::memory::InMemory;
+
+    use super::*;
+
+    const TTL: Duration = Duration::from_secs(60);
+
+    /// A pod that holds one lease and waits several TTLs for another (a rolling update) keeps
+    /// renewing the first all along, so it is still its own when the second arrives: nothing
+    /// expires under it, and nobody else could have taken it.
+    #[tokio::test(start_paused = true)]
+    async fn leases_already_held_are_renewed_while_the_others_are_awaited() {
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let ours = Arc::new(Leases::new(store.clone(), "t", "ours".into(), TTL, 64));
+        let other = Leases::new(store.clone(), "t", "other".into(), TTL, 64);
+        let contender = Leases::new(store, "t", "contender".into(), TTL, 64);
+        let (free, busy) = (PartitionId(1), PartitionId(2));
+        let Acquire::Acquired(mut theirs) = other.acquire(busy).await.unwrap() else {
+            panic!("the other process holds p0002");
+        };
+        let (waits_tx, waits) = watch::channel(BTreeMap::new());
+        let keeper = tokio::spawn({
+            let ours = ours.clone();
+            async move { LeaseKeeper::acquire(ours, &[free, busy], TTL, &waits_tx).await }
+        });
+        // The other holder stays alive for three TTLs, then releases p0002.
+        for _ in 0..9 {
+            tokio::time::sleep_until(theirs.renew_at()).await;
+            other.renew(&mut theirs).await.unwrap();
+            // Meanwhile p0001 stays ours: a contender watching it never sees it run out.
+            assert!(matches!(
+                contender.acquire(free).await.unwrap(),
+                Acquire::Held { .. }
+            ));
+        }
+        assert_eq!(waits.borrow().keys().copied().collect::<Vec<_>>(), [busy]);
+        assert!(waits.borrow()[&busy].live, "{:?}", waits.borrow());
+        other.release(theirs, None).await.unwrap();
+        let mut keeper = keeper.await.unwrap().unwrap();
+        assert!(waits.borrow().is_empty());
+        let epochs = keeper.epochs().await;
+        assert_eq!(epochs[&free], 1);
+        assert_eq!(epochs[&busy], 2);
+        // And both are renewed from here on: no loss within a few TTLs.
+        tokio::select! {
+            lost = keeper.lost() => panic!("lost {lost}"),
+            () = tokio::time::sleep(TTL * 3) => {}
+        }
+    }
 }

@@ -20,6 +20,7 @@ pub mod root;
 pub mod shard;
 pub mod shard_group;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,8 +28,9 @@ use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef, Message, RpcReplyPort};
 use twilight_gateway::{ConfigBuilder, Intents};
 
+use crate::cluster::ReleasedPosition;
 use crate::config::{Config, ReplicationMode};
-use crate::ownership::Topology;
+use crate::ownership::{PartitionId, Topology};
 use crate::replication::{self, Epochs, process::ReplicaSync};
 use crate::store::{Checkpointer, PartitionStore};
 use crate::supervision::RestartPolicy;
@@ -144,10 +146,11 @@ impl Node {
     /// [`NodeError::Replication`] if a restore fails, or [`NodeError::Start`] if a group cannot
     /// start (e.g. a partition file is not a database).
     ///
-    /// `epochs` holds the lease epoch of every owned partition when replicating (each partition
-    /// replicates to its epoch's generation and records the epoch in its file; 0 for the prefix
-    /// without an epoch); it is ignored with `replication.mode = "off"`.
-    pub async fn start(config: Config, epochs: Epochs) -> Result<Node, NodeError> {
+    /// `leased` says what this process's partition leases hold (ignored with
+    /// `replication.mode = "off"`): each partition's epoch (it replicates to that generation and
+    /// records the epoch in its file; 0 for the prefix without an epoch), and the position the
+    /// previous holder released, which the opened file is checked against.
+    pub async fn start(config: Config, leased: Leased) -> Result<Node, NodeError> {
         let token = config
             .discord
             .token
@@ -197,11 +200,11 @@ impl Node {
         }
         let epochs: Epochs = owned
             .iter()
-            .map(|p| (*p, epochs.get(p).copied().unwrap_or_default()))
+            .map(|p| (*p, leased.epochs.get(p).copied().unwrap_or_default()))
             .collect();
         let prepared = replication::prepare(&config, &epochs).await?;
         if prepared.is_some() {
-            create_partition_files(&config, &epochs).await?;
+            create_partition_files(&config, &epochs, leased.released).await?;
         }
         let litestream = match prepared {
             Some(prepared) if config.replication.mode == ReplicationMode::Child => {
@@ -308,7 +311,11 @@ impl Node {
 /// Litestream replicates the files that exist when it starts at once, and a file created later
 /// only after its next directory check — a short run could end before that and its final sync
 /// would miss the partition.
-async fn create_partition_files(config: &Config, epochs: &Epochs) -> Result<(), NodeError> {
+async fn create_partition_files(
+    config: &Config,
+    epochs: &Epochs,
+    released: HashMap<PartitionId, ReleasedPosition>,
+) -> Result<(), NodeError> {
     let data_dir = config.storage.data_dir.clone();
     let checkpointer = checkpointer(config.replication.mode);
     let epochs = epochs.clone();
@@ -322,11 +329,51 @@ async fn create_partition_files(config: &Config, epochs: &Epochs) -> Result<(), 
                     .record_epoch(epoch)
                     .map_err(|e| NodeError::Start(crate::error_chain(&e)))?;
             }
+            if let Some(position) = released.get(&p) {
+                check_released_position(&store, position);
+            }
         }
         Ok(())
     })
     .await
     .expect("opening partition files does not panic")
+}
+
+/// Checks that a partition file, as restored or kept, reaches the position its previous holder
+/// released (DESIGN §7 handoff): that holder's final sync was confirmed before it released, so
+/// a file behind it means the object store lost or hid what it had acknowledged. Not fatal: the
+/// shard resumes the same session from the file's own applied sequence, and Discord replays the
+/// rest while the session is resumable; the warning and `shardlite_restores_behind_release_total`
+/// say that the store misbehaved.
+fn check_released_position(store: &PartitionStore, position: &ReleasedPosition) {
+    let shard = store.partition().0 % position.shard_total.max(1);
+    let applied = store
+        .applied_session(shard, position.shard_total)
+        .ok()
+        .flatten();
+    let reaches = applied.as_ref().is_some_and(|a| {
+        a.session_id == position.session_id && a.applied_seq >= position.applied_seq
+    });
+    if !reaches {
+        ::metrics::counter!("shardlite_restores_behind_release_total").increment(1);
+        tracing::warn!(partition = %store.partition(),
+            file_seq = applied.as_ref().map(|a| a.applied_seq),
+            file_session = applied.as_ref().map(|a| a.session_id.as_str()),
+            released_seq = position.applied_seq, released_session = %position.session_id,
+            "partition file is behind the position its previous holder released; the object \
+             store lost or hid acknowledged uploads. Resuming from the file's own sequence");
+    }
+}
+
+/// What this process's partition leases say about its owned partitions (DESIGN §7), for
+/// [`Node::start`]. Empty without leases (`replication.mode = "off"`, the demo).
+#[derive(Clone, Debug, Default)]
+pub struct Leased {
+    /// The lease epoch of each partition: the replica generation it writes.
+    pub epochs: Epochs,
+    /// The position the previous holder released, for partitions whose lease was released on
+    /// purpose (not taken over after a crash).
+    pub released: HashMap<PartitionId, ReleasedPosition>,
 }
 
 /// Who checkpoints partition files under replication `mode`: Litestream whenever it replicates

@@ -571,3 +571,199 @@ async fn a_paused_old_owner_cannot_roll_back_the_new_owners_replica() {
     assert!(v.is_exact(), "{v:?}");
     assert_eq!(v.stored_messages, MESSAGES);
 }
+
+/// `kill -9` in the middle of a handoff (DESIGN §7): the old owner got SIGTERM, closed its
+/// shards with the resume code and drained, and dies before its final upload and its lease
+/// release (its Litestream was stopped, so the final sync could not finish). The waiting second
+/// copy takes the leases over after the TTL, restores what the replica has — short of the old
+/// owner's last writes — and resumes the same sessions from there: the simulator replays the
+/// rest. Every message exactly once, one identify per shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_in_the_middle_of_a_handoff_loses_nothing() {
+    let bucket = s3::bucket("kill-handoff").await;
+    let (sim, _) = handoff_sim().await;
+    let spec = handoff_spec(&bucket, 1, 0);
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let old = NodeProcess::start(dir_a.path(), &sim, &spec).await;
+    old.wait_sessions_applied(&sim, Duration::from_secs(60))
+        .await;
+    old.wait_caught_up(&sim, Duration::from_secs(60)).await;
+    let next = std::thread::spawn({
+        let (dir, sim, spec) = (dir_b.path().to_owned(), sim.clone(), spec.clone());
+        move || {
+            tokio::runtime::Runtime::new()
+                .unwrap()
+                .block_on(NodeProcess::start(&dir, &sim, &spec))
+        }
+    });
+    let stderr_b = dir_b.path().join("stderr.log");
+    wait_for(
+        "the second copy to wait for the leases",
+        Duration::from_secs(60),
+        async || {
+            let text = std::fs::read_to_string(&stderr_b).unwrap_or_default();
+            (text.matches("waiting for lease").count() == 4).then_some(())
+        },
+    )
+    .await;
+
+    // Writes the replica never gets: Litestream is stopped, the old owner applies 500 more.
+    let litestream = old
+        .litestream_pid()
+        .await
+        .expect("the old owner's litestream");
+    signal(litestream, "STOP");
+    let claimed = sim.status().script_claimed;
+    sim.hold_script_at(Some(claimed + 500));
+    old.wait_caught_up(&sim, Duration::from_secs(60)).await;
+    // The handoff begins; the final sync cannot finish; the old owner dies mid-way (with its
+    // Litestream, as a whole pod would).
+    signal(old.pid(), "TERM");
+    wait_for(
+        "the old owner to close its shards and drain",
+        Duration::from_secs(30),
+        async || {
+            let text = old.stderr_text();
+            (text.matches("shard closed with resume code").count() == 2).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        !old.stderr_text().contains("lease released"),
+        "the kill comes before the release"
+    );
+    old.kill9().await;
+    signal(litestream, "KILL");
+
+    let next = tokio::task::spawn_blocking(move || next.join().unwrap())
+        .await
+        .unwrap();
+    sim.hold_script_at(None);
+    sim.wait_all_sent(Duration::from_secs(120)).await.unwrap();
+    next.wait_caught_up(&sim, Duration::from_secs(60)).await;
+    let stderr = next.stderr_text();
+    let data_dir = next.data_dir.clone();
+    assert!(next.stop().await.success());
+    assert!(
+        stderr.contains("released=false"),
+        "taken over after expiry, not released:\n{stderr}"
+    );
+    assert_eq!(
+        stderr.matches("decision=Restored").count(),
+        4,
+        "every partition came from the replica:\n{stderr}"
+    );
+    for s in sim.status().shards {
+        assert_eq!(s.identifies, 1, "the session survived the crash: {s:?}");
+    }
+    let v = verify(&data_dir, Topology::new(2, 4, 1).unwrap(), &sim.expected()).unwrap();
+    assert!(v.is_exact(), "{v:?}");
+    assert_eq!(v.stored_messages, MESSAGES);
+}
+
+/// Starts a node on a thread (and runtime) of its own: [`NodeProcess::start`] returns only once
+/// the node is ready, and a pod waiting for leases is not, until another pod releases them.
+fn start_in_background(
+    dir: &std::path::Path,
+    sim: &Simulator,
+    spec: &NodeSpec,
+) -> std::thread::JoinHandle<NodeProcess> {
+    let (dir, sim, spec) = (dir.to_owned(), sim.clone(), spec.clone());
+    std::thread::spawn(move || {
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(NodeProcess::start(&dir, &sim, &spec))
+    })
+}
+
+/// Waits for a node started by [`start_in_background`] to be ready.
+async fn joined(handle: std::thread::JoinHandle<NodeProcess>) -> NodeProcess {
+    tokio::task::spawn_blocking(move || handle.join().unwrap())
+        .await
+        .unwrap()
+}
+
+/// Rescaling 1 → 2 → 3 → 1 pods by rolling restarts, as a StatefulSet does them (new pods
+/// first, then the old ones from the highest ordinal down; scale-down removes the highest
+/// ordinals first), under continuous ingest of 100,000 messages over 8 shards. New owners wait
+/// for leases the old owners still hold, take them when those stop, restore the partitions and
+/// resume the same sessions. Each step's duration is printed. In the end pod 0 holds every
+/// partition: every message exactly once, one identify per shard in total.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_rescale_1_2_3_1_under_ingest_moves_every_shard_with_its_session() {
+    const MESSAGES: u64 = 100_000;
+    let bucket = s3::bucket("rescale-1-2-3-1").await;
+    let sim = Simulator::start(SimConfig {
+        guilds: 200,
+        shards: 8,
+        messages: MESSAGES,
+        rate: Some(20_000),
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let total = script_total(&sim);
+    sim.hold_script_at(Some(total / 5));
+    let spec = |pods: u32, ordinal: u32| NodeSpec {
+        shards: 8,
+        partitions: 16,
+        cluster_toml: format!("pods = {pods}\nordinal = {ordinal}\n"),
+        extra_toml: s3::replication_toml(&bucket, s3::endpoint(), 60),
+        ..NodeSpec::default()
+    };
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut pods = vec![NodeProcess::start(dirs[0].path(), &sim, &spec(1, 0)).await];
+    pods[0]
+        .wait_sessions_applied(&sim, Duration::from_secs(60))
+        .await;
+    // Each step happens while the stream flows: it moves another fifth of the script.
+    let flow = |step: u64| sim.hold_script_at(Some(total * step / 5));
+
+    // 1 → 2: pod 1 starts (and waits); pod 0 restarts with the new count.
+    flow(2);
+    let started = std::time::Instant::now();
+    let pod1 = start_in_background(dirs[1].path(), &sim, &spec(2, 1));
+    assert!(pods.pop().unwrap().stop().await.success());
+    let pod0 = NodeProcess::start(dirs[0].path(), &sim, &spec(2, 0)).await;
+    pods = vec![pod0, joined(pod1).await];
+    println!("1 → 2 pods: {:.1?}", started.elapsed());
+
+    // 2 → 3: pod 2 starts (and waits); pods 1 then 0 restart with the new count.
+    flow(3);
+    let started = std::time::Instant::now();
+    let pod2 = start_in_background(dirs[2].path(), &sim, &spec(3, 2));
+    let old1 = pods.pop().unwrap();
+    assert!(old1.stop().await.success());
+    let pod1 = start_in_background(dirs[1].path(), &sim, &spec(3, 1));
+    let old0 = pods.pop().unwrap();
+    assert!(old0.stop().await.success());
+    let pod0 = NodeProcess::start(dirs[0].path(), &sim, &spec(3, 0)).await;
+    pods = vec![pod0, joined(pod1).await, joined(pod2).await];
+    println!("2 → 3 pods: {:.1?}", started.elapsed());
+
+    // 3 → 1: pods 2 and 1 are removed; pod 0 restarts with the new count.
+    flow(4);
+    let started = std::time::Instant::now();
+    for pod in pods.drain(1..).rev() {
+        assert!(pod.stop().await.success());
+    }
+    assert!(pods.pop().unwrap().stop().await.success());
+    let pod0 = NodeProcess::start(dirs[0].path(), &sim, &spec(1, 0)).await;
+    println!("3 → 1 pods: {:.1?}", started.elapsed());
+
+    sim.hold_script_at(None);
+    sim.wait_all_sent(Duration::from_secs(180)).await.unwrap();
+    pod0.wait_caught_up(&sim, Duration::from_secs(120)).await;
+    let data_dir = pod0.data_dir.clone();
+    assert!(pod0.stop().await.success());
+    let identifies: u32 = sim.status().shards.iter().map(|s| s.identifies).sum();
+    assert_eq!(
+        identifies,
+        8,
+        "every move resumed: {:?}",
+        sim.status().shards
+    );
+    let v = verify(&data_dir, Topology::new(8, 16, 1).unwrap(), &sim.expected()).unwrap();
+    assert!(v.is_exact(), "{v:?}");
+    assert_eq!(v.stored_messages, MESSAGES);
+}
