@@ -143,6 +143,10 @@ pub struct SimConfig {
     /// `session_start_limit.remaining` at start; each accepted IDENTIFY uses one, and an
     /// IDENTIFY with none left is closed with 4004. Default 1 000 (Discord's daily limit).
     pub session_start_remaining: u32,
+    /// The snowflake "process id" (bits 12–16, 0–31) of every id the world generates. Two worlds
+    /// with different values never share an id, whatever their seeds, so a test can feed one
+    /// node two worlds (e.g. before and after a reshard) and check the union. Default 0.
+    pub id_process: u8,
 }
 
 impl Default for SimConfig {
@@ -163,6 +167,7 @@ impl Default for SimConfig {
             resume_window_events: None,
             resend_unacknowledged_on_identify: true,
             session_start_remaining: 1_000,
+            id_process: 0,
         }
     }
 }
@@ -188,6 +193,7 @@ impl fmt::Debug for SimConfig {
                 &self.resend_unacknowledged_on_identify,
             )
             .field("session_start_remaining", &self.session_start_remaining)
+            .field("id_process", &self.id_process)
             .finish()
     }
 }
@@ -211,6 +217,9 @@ impl SimConfig {
         }
         if self.rate == Some(0) {
             return invalid("rate must be at least 1 dispatch per second");
+        }
+        if self.id_process > 31 {
+            return invalid("id_process must be at most 31 (5 bits of a snowflake)");
         }
         Ok(())
     }

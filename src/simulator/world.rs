@@ -59,15 +59,17 @@ pub(crate) const fn shard_of(guild_id: u64, shard_total: u32) -> u32 {
 /// Strictly increasing snowflakes for one entity kind.
 struct IdGen {
     worker: u64,
+    process: u64,
     last_ms: u64,
     increment: u64,
     started: bool,
 }
 
 impl IdGen {
-    const fn new(worker: u64) -> Self {
+    const fn new(worker: u64, process: u64) -> Self {
         Self {
             worker,
+            process,
             last_ms: 0,
             increment: 0,
             started: false,
@@ -87,7 +89,7 @@ impl IdGen {
                 self.increment = 0;
             }
         }
-        snowflake(self.last_ms, self.worker, 0, self.increment)
+        snowflake(self.last_ms, self.worker, self.process, self.increment)
     }
 }
 
@@ -210,12 +212,13 @@ impl World {
     pub(crate) fn generate(config: &SimConfig) -> World {
         let shards = config.shards.max(1);
         let mut rng = fastrand::Rng::with_seed(config.seed);
-        let mut guild_ids = IdGen::new(WORKER_GUILD);
-        let mut channel_ids = IdGen::new(WORKER_CHANNEL);
-        let mut role_ids = IdGen::new(WORKER_ROLE);
-        let mut user_ids = IdGen::new(WORKER_USER);
-        let mut message_ids = IdGen::new(WORKER_MESSAGE);
-        let bot_id = IdGen::new(WORKER_BOT).next(GUILD_SPAN_START_MS - 86_400_000);
+        let process = u64::from(config.id_process);
+        let mut guild_ids = IdGen::new(WORKER_GUILD, process);
+        let mut channel_ids = IdGen::new(WORKER_CHANNEL, process);
+        let mut role_ids = IdGen::new(WORKER_ROLE, process);
+        let mut user_ids = IdGen::new(WORKER_USER, process);
+        let mut message_ids = IdGen::new(WORKER_MESSAGE, process);
+        let bot_id = IdGen::new(WORKER_BOT, process).next(GUILD_SPAN_START_MS - 86_400_000);
 
         let n_guilds = config.guilds as usize;
         // Each guild gets its own time slot of `gap` ms; the offset inside the slot is random
@@ -642,6 +645,26 @@ mod tests {
         // 2016-02-29 (leap day) 23:59:59.999
         timestamp(1_456_790_399_999 - DISCORD_EPOCH_MS, &mut s);
         assert_eq!(s, "2016-02-29T23:59:59.999000+00:00");
+    }
+
+    #[test]
+    fn worlds_with_different_id_processes_share_no_id() {
+        let ids = |process: u8| {
+            let w = World::generate(&SimConfig {
+                id_process: process,
+                ..small(7)
+            });
+            let mut ids: Vec<u64> = w.guilds.iter().map(|g| g.id).collect();
+            ids.extend(w.channels.iter().map(|c| c.id));
+            ids.extend(w.messages.iter().map(|m| m.id));
+            ids.extend(w.members.iter().map(|m| m.user_id));
+            ids.into_iter().collect::<std::collections::BTreeSet<u64>>()
+        };
+        let (a, b) = (ids(1), ids(2));
+        assert!(!a.is_empty());
+        assert!(a.is_disjoint(&b));
+        // The same seed without a process id gives the same ids with process 0.
+        assert_eq!(ids(0).len(), a.len());
     }
 
     #[test]

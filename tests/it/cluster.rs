@@ -767,3 +767,79 @@ async fn rolling_rescale_1_2_3_1_under_ingest_moves_every_shard_with_its_session
     assert!(v.is_exact(), "{v:?}");
     assert_eq!(v.stored_messages, MESSAGES);
 }
+
+/// Resharding S → 2S (DESIGN §7; Discord asks for more shards as a bot grows): 4 shards, then 8,
+/// over the same 8 partitions. A reshard is a new shard total, so Discord sessions start anew
+/// (one identify per shard of each total) — simulated here by a second simulator world with 8
+/// shards. Every partition keeps its rows and only changes the shard that carries it: after
+/// both streams, the files — and a copy restored from the replica into an empty data dir — hold
+/// every message of both worlds exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resharding_4_to_8_keeps_every_message_exactly_once() {
+    let bucket = s3::bucket("reshard").await;
+    // Distinct snowflake process ids: the two worlds share no id.
+    let world = |shards: u32, id_process: u8| SimConfig {
+        guilds: 100,
+        shards,
+        messages: 5_000,
+        seed: u64::from(id_process),
+        id_process,
+        ..SimConfig::default()
+    };
+    let spec = |shards: u32| NodeSpec {
+        shards,
+        partitions: 8,
+        extra_toml: s3::replication_toml(&bucket, s3::endpoint(), 60),
+        ..NodeSpec::default()
+    };
+    let (dir, restored) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+
+    let four = Simulator::start(world(4, 1)).await.unwrap();
+    let node = NodeProcess::start(dir.path(), &four, &spec(4)).await;
+    four.wait_all_sent(Duration::from_secs(120)).await.unwrap();
+    node.wait_caught_up(&four, Duration::from_secs(60)).await;
+    assert!(node.stop().await.success());
+
+    let eight = Simulator::start(world(8, 2)).await.unwrap();
+    let node = NodeProcess::start(dir.path(), &eight, &spec(8)).await;
+    eight.wait_all_sent(Duration::from_secs(120)).await.unwrap();
+    node.wait_caught_up(&eight, Duration::from_secs(60)).await;
+    // The log is appended to by both runs: this run's part starts at its last HTTP line.
+    let text = node.stderr_text();
+    let stderr = &text[text.rfind("serving /healthz").unwrap()..];
+    assert!(node.stop().await.success());
+    assert_eq!(
+        stderr.matches("decision=").count(),
+        0,
+        "every file was kept (no restore decided):\n{stderr}"
+    );
+
+    // Both worlds' guilds and messages, each in the partition the ownership function says.
+    let (a, b) = (four.expected(), eight.expected());
+    assert!(
+        a.guilds.keys().all(|g| !b.guilds.contains_key(g)),
+        "the two worlds have distinct guilds"
+    );
+    let mut both = a.clone();
+    both.guilds.extend(b.guilds.clone());
+    both.message_ids.extend(&b.message_ids);
+    both.message_ids.sort_unstable();
+    let topology = Topology::new(8, 8, 1).unwrap();
+    let v = verify(&dir.path().join("data"), topology, &both).unwrap();
+    assert!(v.is_exact(), "{v:?}");
+    assert_eq!(v.stored_messages, 10_000);
+
+    // The replica has it all too: a new pod restores every partition and resumes the 8-shard
+    // sessions.
+    let node = NodeProcess::start(restored.path(), &eight, &spec(8)).await;
+    node.wait_caught_up(&eight, Duration::from_secs(60)).await;
+    let data_dir = node.data_dir.clone();
+    assert!(node.stop().await.success());
+    let v = verify(&data_dir, topology, &both).unwrap();
+    assert!(v.is_exact(), "{v:?}");
+    assert_eq!(v.stored_messages, 10_000);
+    for (sim, shards) in [(&four, 4), (&eight, 8)] {
+        let identifies: u32 = sim.status().shards.iter().map(|s| s.identifies).sum();
+        assert_eq!(identifies, shards, "one identify per shard of each total");
+    }
+}
