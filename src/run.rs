@@ -120,14 +120,15 @@ pub enum RunError {
 
 impl RunError {
     /// The process exit code for this error: 2 for what the operator fixes in the config or the
-    /// deployment (a changed partition count, an object store that ignores preconditions),
-    /// 1 for everything else.
+    /// deployment (a changed partition count, an object store that ignores preconditions,
+    /// refused credentials or a missing bucket), 1 for everything else.
     #[must_use]
     pub fn exit_code(&self) -> u8 {
         match self {
             RunError::Local(e) if e.is_config() => 2,
             RunError::ObjectStore(e) if e.is_deployment_error() => 2,
             RunError::Lease(crate::cluster::LeaseError::PartitionsChanged { .. }) => 2,
+            RunError::Lease(e) if e.is_deployment_error() => 2,
             _ => 1,
         }
     }
@@ -472,4 +473,36 @@ fn move_aside_stale_files(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ownership::PartitionId;
+
+    #[test]
+    fn what_the_operator_must_fix_exits_2_and_passing_failures_exit_1() {
+        let request = |source| {
+            RunError::Lease(LeaseError::Request {
+                partition: PartitionId(3),
+                source,
+            })
+        };
+        let refused = request(object_store::Error::PermissionDenied {
+            path: "t/leases/p0003".into(),
+            source: "403 Forbidden".into(),
+        });
+        assert_eq!(refused.exit_code(), 2);
+        let flaky = request(object_store::Error::Generic {
+            store: "S3",
+            source: "connection reset".into(),
+        });
+        assert_eq!(flaky.exit_code(), 1);
+        let changed = RunError::Lease(LeaseError::PartitionsChanged {
+            partition: PartitionId(0),
+            recorded: 64,
+            configured: 128,
+        });
+        assert_eq!(changed.exit_code(), 2);
+    }
 }

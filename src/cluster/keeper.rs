@@ -234,7 +234,7 @@ async fn acquire_one(
             }
             Err(e @ (LeaseError::Request { .. } | LeaseError::Timeout { .. })) => {
                 failures += 1;
-                if failures >= MAX_FAILURES || is_fatal(&e) {
+                if failures >= MAX_FAILURES || e.is_deployment_error() {
                     return Err(e);
                 }
                 tracing::warn!(partition = %partition, error = %crate::error_chain(&e),
@@ -299,19 +299,6 @@ async fn renew_one(leases: &Leases, lease: &mut HeldLease) -> Option<LeaseError>
             None
         }
     }
-}
-
-/// Failures no retry can fix: the store refused our credentials or has no such bucket.
-fn is_fatal(e: &LeaseError) -> bool {
-    matches!(
-        e,
-        LeaseError::Request {
-            source: object_store::Error::PermissionDenied { .. }
-                | object_store::Error::Unauthenticated { .. }
-                | object_store::Error::NotFound { .. },
-            ..
-        }
-    )
 }
 
 #[cfg(test)]

@@ -192,6 +192,23 @@ struct Sighting {
     changed: bool,
 }
 
+impl LeaseError {
+    /// True for a failure no retry can fix and the operator must fix in the deployment: the
+    /// store refused the credentials, or has no such bucket (exit code 2, like a missing key).
+    #[must_use]
+    pub fn is_deployment_error(&self) -> bool {
+        matches!(
+            self,
+            LeaseError::Request {
+                source: object_store::Error::PermissionDenied { .. }
+                    | object_store::Error::Unauthenticated { .. }
+                    | object_store::Error::NotFound { .. },
+                ..
+            }
+        )
+    }
+}
+
 /// This process's side of the lease protocol over one bucket.
 pub struct Leases {
     store: Arc<dyn ObjectStore>,
