@@ -11,7 +11,7 @@
 //! | [`config`] | the typed config tree: figment sources, validation, redaction (DESIGN §11) |
 //! | [`ownership`] | pure functions guild → partition → shard → pod, and rescaling plans (DESIGN §2) |
 //! | [`supervision`] | the one restart policy every supervisor uses: intensity and backoff (DESIGN §3) |
-//! | [`node`] | the actor tree: root supervisor, the Litestream child actor, shard groups, shard (twilight pump), partitions (DESIGN §3) |
+//! | [`node`] | the actor tree: root supervisor, the Litestream child actor, shard groups, shards (`node::shard`; the twilight pump in `node/shard/pump.rs`), partitions (DESIGN §3) |
 //! | [`store`] | one partition's SQLite file: schema, dispatch → rows, applied sequence, file checks (DESIGN §4–5) |
 //! | [`replication`] | `litestream.yml` rendering, replica generations (one per lease epoch: the fence), restore before open, forced syncs and signals of the Litestream process — no actors (DESIGN §6–7) |
 //! | [`cluster`] | one writer per partition: partition leases on S3 conditional writes, the store's capability check, the data-dir lock and recorded partition count — no actors (DESIGN §7) |

@@ -4,9 +4,14 @@
 //! NodeActor (root supervisor)            root.rs
 //! ├── LitestreamActor (child mode)      litestream.rs    `litestream replicate`, restart policy
 //! └── ShardGroupActor ×owned shards     shard_group.rs   one-for-all, restart policy
-//!     ├── ShardActor                    shard.rs         twilight Shard in a pump task
+//!     ├── ShardActor                    shard/mod.rs     lifecycle, watchdog, fatal closes
+//!     │   └── pump task                 shard/pump.rs    owns the twilight Shard, routes dispatches
 //!     └── PartitionActor ×(P/S)         partition.rs     one SQLite file each
 //! ```
+//! The shard's other files (table in [`shard`]): `shard/deliver.rs` (what the pump sends its
+//! partitions, within the in-flight budget), `shard/route.rs` (guild → which partition),
+//! `shard/session_start.rs` (a new session committed by every partition, then the replica) and
+//! `shard/status.rs` (phase, status, the counters the pump shares with the actor).
 //! Every supervisor uses [`crate::supervision::RestartTracker`]; none relies on ractor's default,
 //! which stops the parent on any child exit.
 

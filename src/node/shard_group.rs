@@ -16,7 +16,9 @@ use tokio::sync::Semaphore;
 use super::NodeContext;
 use super::litestream::LitestreamMsg;
 use super::partition::{FileLock, PartitionActor, PartitionArgs, PartitionMsg, PartitionStatus};
-use super::shard::{FATAL_PREFIX, SessionSync, ShardActor, ShardArgs, ShardMsg, ShardStatus};
+use super::shard::{
+    FatalClose, FatalCloseSlot, SessionSync, ShardActor, ShardArgs, ShardMsg, ShardStatus,
+};
 use crate::ownership::PartitionId;
 use crate::replication::process::STOP_BOUND;
 use crate::store::{AppliedSession, FileHealth, PartitionStore, file_health};
@@ -80,7 +82,9 @@ pub struct ShardGroupState {
     tracker: RestartTracker,
     generation: u64,
     restarts: u32,
-    fatal_close_code: Option<u16>,
+    /// Set by the shard when Discord closes it with a fatal code; from then on the group runs
+    /// its partitions without a shard. One slot for the group's life, passed to every shard.
+    fatal_close: FatalCloseSlot,
     stopping: bool,
 }
 
@@ -114,7 +118,7 @@ impl Actor for ShardGroupActor {
             partitions: Vec::new(),
             generation: 0,
             restarts: 0,
-            fatal_close_code: None,
+            fatal_close: FatalCloseSlot::default(),
             stopping: false,
         };
         state.start_children(&myself).await?;
@@ -174,14 +178,13 @@ impl Actor for ShardGroupActor {
         let (cell, reason) = match evt {
             SupervisionEvent::ActorFailed(cell, err) => (cell, err.to_string()),
             SupervisionEvent::ActorTerminated(cell, _, reason) => {
-                let reason = reason.unwrap_or_else(|| "stopped".into());
-                if let Some(code) = reason.strip_prefix(FATAL_PREFIX)
-                    && state.is_current_shard(&cell)
-                {
-                    state.fatal_close_code = Some(code.parse().unwrap_or(0));
+                // The shard records a fatal close before it stops (see `FatalCloseSlot`): a
+                // fatally closed shard is not restarted.
+                if state.fatal_close.get().is_some() && state.is_current_shard(&cell) {
                     state.shard = None;
                     return Ok(());
                 }
+                let reason = reason.unwrap_or_else(|| "stopped".into());
                 (cell, format!("stopped unexpectedly: {reason}"))
             }
             _ => return Ok(()),
@@ -334,7 +337,7 @@ impl ShardGroupState {
         .into_iter()
         .map(|s| s.map(|s| s.session))
         .collect::<Result<_, _>>()?;
-        if let Some(code) = self.fatal_close_code {
+        if let Some(FatalClose { code }) = self.fatal_close.get() {
             // Discord refused this shard for good (token, shard count, intents): another connect
             // would only spend an identify. The partitions still serve what they hold.
             tracing::warn!(
@@ -366,6 +369,7 @@ impl ShardGroupState {
                         .collect(),
                 }
             }),
+            fatal_close: self.fatal_close.clone(),
         };
         let (shard, _) = Actor::spawn_linked(None, ShardActor, args, myself.get_cell())
             .await
@@ -427,8 +431,11 @@ impl ShardGroupState {
         let shard = self.shard.clone();
         let partitions = self.partitions.clone();
         let ids = self.ctx.topology.partitions_of_shard(self.shard_id);
-        let (shard_id, fatal_close_code, restarts) =
-            (self.shard_id, self.fatal_close_code, self.restarts);
+        let (shard_id, fatal_close_code, restarts) = (
+            self.shard_id,
+            self.fatal_close.get().map(|f| f.code),
+            self.restarts,
+        );
         async move {
             let shard_status = match &shard {
                 Some(s) => super::call(s, ShardMsg::Status, STATUS_CALL_TIMEOUT)
