@@ -50,7 +50,11 @@ async fn dispatch(command: Command) -> ExitCode {
             if config.discord.token.is_none() {
                 return fail(2, &NodeError::MissingToken.to_string());
             }
-            match run::run(config, args.ready_file, shutdown_signal()).await {
+            // Registered before anything else runs: a SIGTERM while the pod waits for leases
+            // stops it gracefully instead of killing it.
+            let (reload_tx, reloads) = tokio::sync::mpsc::channel(4);
+            let shutdown = signals(args.config.clone(), reload_tx);
+            match run::run(config, args.ready_file, shutdown, reloads).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(e.exit_code(), &chain(&e)),
             }
@@ -66,7 +70,7 @@ async fn dispatch(command: Command) -> ExitCode {
             }
             Err(e) => fail(1, &chain(&e)),
         },
-        Command::Simulate(args) => match run::run_simulator(&args, shutdown_signal()).await {
+        Command::Simulate(args) => match run::run_simulator(&args, stop_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(1, &chain(e.as_ref())),
         },
@@ -131,46 +135,73 @@ async fn dispatch(command: Command) -> ExitCode {
     }
 }
 
-/// Resolves on ctrl-c or SIGTERM (what systemd and Kubernetes send to stop a process).
-///
-/// SIGHUP is caught and logged: re-reading the config on SIGHUP (DESIGN §12) is not built yet,
-/// and its default action would end the process without a graceful stop — no final sync, no
-/// lease release, so the next start would wait out a whole lease TTL.
-async fn shutdown_signal() {
+/// Resolves on ctrl-c or SIGTERM (what systemd and Kubernetes send to stop a process). On SIGHUP
+/// the config is read again from `config_path` (and the environment) and sent on `reloads`, for
+/// `run` to apply by a drained handoff (DESIGN §12); a file that does not load is reported and
+/// the running config stays. The handlers are registered when this is called, not when the
+/// returned future is first polled.
+fn signals(
+    config_path: Option<std::path::PathBuf>,
+    reloads: tokio::sync::mpsc::Sender<Config>,
+) -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                let mut hangup = signal(SignalKind::hangup()).ok();
-                loop {
-                    tokio::select! {
-                        _ = tokio::signal::ctrl_c() => break,
-                        _ = term.recv() => break,
-                        Some(()) = async {
-                            match hangup.as_mut() {
-                                Some(h) => h.recv().await,
-                                None => std::future::pending().await,
-                            }
-                        } => tracing::warn!(
-                            "SIGHUP ignored: re-reading the config is not supported yet; \
-                             restart the process (SIGTERM) to apply a new config"
-                        ),
-                    }
+        let term = signal(SignalKind::terminate());
+        let hangup = signal(SignalKind::hangup());
+        // Registered now, watched from the first poll on: a ctrl-c in between is not lost.
+        let ctrl_c = tokio::spawn(tokio::signal::ctrl_c());
+        async move {
+            let mut term = match term {
+                Ok(term) => term,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch SIGTERM; only ctrl-c stops the process");
+                    // If ctrl-c cannot be watched either, nothing can stop us gracefully; run on.
+                    let _ = ctrl_c.await;
+                    return;
                 }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch SIGTERM; only ctrl-c stops the process");
-                // If ctrl-c cannot be watched either, nothing can stop us gracefully; run on.
-                let _ = tokio::signal::ctrl_c().await;
+            };
+            let mut hangup = hangup
+                .inspect_err(|e| tracing::warn!(error = %e, "cannot watch SIGHUP; a config change needs a restart"))
+                .ok();
+            tokio::pin!(ctrl_c);
+            loop {
+                tokio::select! {
+                    _ = &mut ctrl_c => break,
+                    _ = term.recv() => break,
+                    Some(()) = async {
+                        match hangup.as_mut() {
+                            Some(h) => h.recv().await,
+                            None => std::future::pending().await,
+                        }
+                    } => match Config::load(config_path.as_deref()) {
+                        Ok(config) => {
+                            tracing::info!("SIGHUP: config read again");
+                            if reloads.try_send(config).is_err() {
+                                tracing::warn!("SIGHUP: too many reloads pending; this one is dropped");
+                            }
+                        }
+                        Err(e) => tracing::error!(error = %e,
+                            "SIGHUP: the config does not load; the running config stays"),
+                    },
+                }
             }
         }
     }
     #[cfg(not(unix))]
     {
-        // As above: without a signal source, run until killed.
-        let _ = tokio::signal::ctrl_c().await;
+        drop((config_path, reloads));
+        // Without a signal source, run until ctrl-c or killed.
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
+}
+
+/// Resolves on ctrl-c or SIGTERM; for `simulate`, which has no config to read again.
+async fn stop_signal() {
+    let (reloads, _) = tokio::sync::mpsc::channel(1);
+    signals(None, reloads).await;
 }
 
 fn fail(code: u8, message: &str) -> ExitCode {

@@ -134,7 +134,86 @@ impl RunError {
     }
 }
 
+/// Why a reload (SIGHUP with a changed config file) was refused; the running config stays.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadRefused {
+    /// The new config is the running one: nothing to do.
+    #[error("the config did not change")]
+    Unchanged,
+    /// A key that only a restart can change (the data dir lock, the listening socket), or that
+    /// is a data migration (`cluster.partitions`, DESIGN §7), differs.
+    #[error("{key} cannot change by SIGHUP ({running} → {new}); {remedy}")]
+    Fixed {
+        /// The config key.
+        key: &'static str,
+        /// The running value.
+        running: String,
+        /// The value in the new config.
+        new: String,
+        /// What the operator can do instead.
+        remedy: &'static str,
+    },
+    /// The new config needs an object store the running pod cannot use (unreachable, or it
+    /// ignores the preconditions leases need).
+    #[error("the new config's object store cannot be used")]
+    ObjectStore(#[source] Box<RunError>),
+}
+
+/// Compares the running config with a new one (SIGHUP): `Ok` when the new one can replace it by
+/// a drained handoff inside this process.
+///
+/// # Errors
+/// [`ReloadRefused::Unchanged`] for an identical config; [`ReloadRefused::Fixed`] when
+/// `storage.data_dir`, `http.listen` or `cluster.partitions` differ.
+pub fn check_reload(running: &Config, new: &Config) -> Result<(), ReloadRefused> {
+    if running == new {
+        return Err(ReloadRefused::Unchanged);
+    }
+    let fixed = |key, running: String, new: String, remedy| {
+        Err(ReloadRefused::Fixed {
+            key,
+            running,
+            new,
+            remedy,
+        })
+    };
+    if running.storage.data_dir != new.storage.data_dir {
+        return fixed(
+            "storage.data_dir",
+            running.storage.data_dir.display().to_string(),
+            new.storage.data_dir.display().to_string(),
+            "restart the process",
+        );
+    }
+    if running.http.listen != new.http.listen {
+        return fixed(
+            "http.listen",
+            running.http.listen.to_string(),
+            new.http.listen.to_string(),
+            "restart the process",
+        );
+    }
+    if running.cluster.partitions != new.cluster.partitions {
+        return fixed(
+            "cluster.partitions",
+            running.cluster.partitions.to_string(),
+            new.cluster.partitions.to_string(),
+            "changing the partition count is a data migration, not supported",
+        );
+    }
+    Ok(())
+}
+
 /// Runs the node and its HTTP server until `shutdown` resolves, then stops gracefully.
+///
+/// Each config received on `reloads` (the binary sends one per SIGHUP, read from the same file)
+/// that [`check_reload`] accepts replaces the running one by a drained handoff inside this
+/// process: shards closed with the resume code, partitions drained, the final
+/// `litestream sync -wait`, every lease released with its position — then the new config runs
+/// from its lease acquisition on, like a restart that keeps the data dir lock, the HTTP socket
+/// and the metrics. Shards the pod keeps resume their sessions; shards it gains wait for their
+/// leases. Reloads are applied once the pod is ready; one received while it starts waits until
+/// then.
 ///
 /// Once the node is ready (every owned partition open, every shard receiving), writes
 /// `{"pid": N, "http": "ADDR"}` to `ready_file` if given, so callers can bind port 0.
@@ -145,25 +224,12 @@ pub async fn run(
     config: Config,
     ready_file: Option<PathBuf>,
     shutdown: impl Future<Output = ()>,
+    mut reloads: tokio::sync::mpsc::Receiver<Config>,
 ) -> Result<(), RunError> {
     // Held until this function returns: nothing below touches the data dir without it.
     let lock = crate::cluster::DataDirLock::acquire(&config.storage.data_dir)?;
     tracing::debug!(lock = %lock.path().display(), "data dir locked");
-    crate::cluster::check_topology(
-        &config.storage.data_dir,
-        config.discord.shards,
-        config.cluster.partitions,
-    )?;
-    if config.replication.mode != ReplicationMode::Off {
-        // An unreachable store fails the start at once, naming it (the lease client and
-        // Litestream would both retry for a long time first).
-        crate::replication::restore::probe_endpoint(&config)
-            .await
-            .map_err(|e| RunError::Node(e.into()))?;
-    }
-    if config.cluster.pods > 1 {
-        check_object_store(&config).await?;
-    }
+    preflight(&config).await?;
     // Everything that can fail cheaply fails before the leases are taken.
     let addr = config.http.listen;
     let listener = tokio::net::TcpListener::bind(addr)
@@ -195,15 +261,104 @@ pub async fn run(
         },
     ));
     tracing::info!(http = %http_addr, "serving /healthz, /readyz and /metrics");
+    let pod = Pod {
+        waits: waits_tx,
+        node: node_tx,
+        ready_file,
+        http: http_addr,
+    };
+    tokio::pin!(shutdown);
+    let mut config = config;
+    let mut first = true;
+    let outcome = loop {
+        if !first {
+            // The first config was checked before the socket was bound.
+            if let Err(e) = preflight(&config).await {
+                break Err(e);
+            }
+        }
+        first = false;
+        match run_config(&config, &pod, &mut shutdown, &mut reloads).await {
+            Ok(Ended::Stopped) => break Ok(()),
+            Ok(Ended::Reload(new)) => {
+                tracing::info!("running the new config");
+                config = *new;
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    // The server may already be gone; stopping it is best effort.
+    let _ = stop_http.send(());
+    if let Ok(Err(e)) = http.await {
+        tracing::warn!(error = %e, "http server error");
+    }
+    drop(lock);
+    outcome
+}
+
+/// What a run of one config shares with the next: the channels `/readyz` reads and where
+/// readiness is announced.
+struct Pod {
+    waits: tokio::sync::watch::Sender<std::collections::BTreeMap<PartitionId, LeaseWait>>,
+    node: tokio::sync::watch::Sender<Option<crate::node::StatusHandle>>,
+    ready_file: Option<PathBuf>,
+    http: SocketAddr,
+}
+
+/// How a run of one config ended without an error.
+enum Ended {
+    /// `shutdown` resolved: the process stops.
+    Stopped,
+    /// An accepted reload: the new config runs next.
+    Reload(Box<Config>),
+}
+
+/// The checks a config passes before anything is written under it: the partition count
+/// recorded in the data dir, the object store reachable, and with several pods, an object store
+/// that enforces the preconditions leases need.
+async fn preflight(config: &Config) -> Result<(), RunError> {
+    crate::cluster::check_topology(
+        &config.storage.data_dir,
+        config.discord.shards,
+        config.cluster.partitions,
+    )?;
+    if config.replication.mode != ReplicationMode::Off {
+        // An unreachable store fails the start at once, naming it (the lease client and
+        // Litestream would both retry for a long time first).
+        crate::replication::restore::probe_endpoint(config)
+            .await
+            .map_err(|e| RunError::Node(e.into()))?;
+    }
+    if config.cluster.pods > 1 {
+        check_object_store(config).await?;
+    }
+    Ok(())
+}
+
+/// Runs the node under `config`, from lease acquisition to the release: until `shutdown`
+/// resolves, the node fails, or a reload is accepted.
+async fn run_config(
+    config: &Config,
+    pod: &Pod,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    reloads: &mut tokio::sync::mpsc::Receiver<Config>,
+) -> Result<Ended, RunError> {
     // One writer per partition (DESIGN §7): with a replica, nothing is restored, opened or
     // uploaded before this process holds the lease of every partition it owns.
     let config_topology = config.topology();
     let owned = config_topology.partitions_of_pod(config.cluster.ordinal);
     let mut keeper = match config.replication.mode {
         ReplicationMode::Off => None,
-        ReplicationMode::Child | ReplicationMode::External => {
-            Some(acquire_leases(&config, &owned, &waits_tx).await?)
-        }
+        // A stop while waiting drops the leases already taken: nothing was written under them,
+        // and they expire after their TTL.
+        ReplicationMode::Child | ReplicationMode::External => tokio::select! {
+            keeper = acquire_leases(config, &owned, &pod.waits) => Some(keeper?),
+            () = shutdown.as_mut() => {
+                tracing::info!("stopping while waiting for leases");
+                pod.waits.send_replace(Default::default());
+                return Ok(Ended::Stopped);
+            }
+        },
     };
     let data_dir = config.storage.data_dir.clone();
     let released = match &keeper {
@@ -221,20 +376,21 @@ pub async fn run(
     // Started once the node is ready: every partition has then uploaded its first snapshot into
     // its new generation.
     let retire = (!epochs.is_empty()).then(|| (config.clone(), epochs.clone()));
+    // Aborted when this run ends (a reload starts the next run's own).
     let mut retirement: Option<AbortOnDrop> = None;
     let leased = Leased { epochs, released };
     // A lease lost while the node starts (restores, Litestream's first uploads) fences too. A
     // start that fails keeps its leases until they expire: its Litestream child may still be
     // making a last upload, so releasing them now could hand a partition over too early.
     let mut node = match keeper.as_mut() {
-        None => Node::start(config, leased).await?,
+        None => Node::start(config.clone(), leased).await?,
         Some(keeper) => tokio::select! {
-            started = Node::start(config, leased) => started?,
+            started = Node::start(config.clone(), leased) => started?,
             lost = keeper.lost() => fence_and_exit(&data_dir, &lost),
         },
     };
     let status = node.status_handle();
-    node_tx.send_replace(Some(status.clone()));
+    pod.node.send_replace(Some(status.clone()));
     let ready = async {
         loop {
             if status.status(READY_POLL * 50).await.is_ok_and(|s| s.ready) {
@@ -243,38 +399,70 @@ pub async fn run(
             tokio::time::sleep(READY_POLL).await;
         }
         tracing::info!("ready");
-        if let Some((config, epochs)) = retire {
-            retirement = Some(AbortOnDrop(tokio::spawn(retire_superseded_generations(
-                config, epochs,
-            ))));
-        }
-        match &ready_file {
-            Some(path) => write_ready_file(
+        if let Some(path) = &pod.ready_file {
+            write_ready_file(
                 path,
-                &serde_json::json!({ "pid": std::process::id(), "http": http_addr.to_string() }),
-            ),
-            None => Ok(()),
+                &serde_json::json!({ "pid": std::process::id(), "http": pod.http.to_string() }),
+            )?;
         }
+        Ok::<_, RunError>(retire.map(|(config, epochs)| {
+            AbortOnDrop(tokio::spawn(retire_superseded_generations(config, epochs)))
+        }))
     };
-    tokio::pin!(shutdown);
-    let lost = async {
-        match keeper.as_mut() {
-            Some(keeper) => keeper.lost().await,
-            None => std::future::pending().await,
+    tokio::pin!(ready);
+    let mut is_ready = false;
+    let outcome = loop {
+        let lost = async {
+            match keeper.as_mut() {
+                Some(keeper) => keeper.lost().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = &mut ready, if !is_ready => match r {
+                Ok(task) => {
+                    retirement = task;
+                    is_ready = true;
+                }
+                Err(e) => break Err(e),
+            },
+            () = shutdown.as_mut() => break Ok(Ended::Stopped),
+            e = node.failed() => break Err(RunError::Node(e)),
+            e = lost => fence_and_exit(&data_dir, &e),
+            // Reloads wait until the pod is ready: a drain in the middle of a start would hand
+            // over partitions that have not uploaded their first snapshot yet.
+            Some(new) = reloads.recv(), if is_ready => {
+                // Several SIGHUPs in a row: the newest file is the one that counts.
+                let mut new = new;
+                while let Ok(newer) = reloads.try_recv() {
+                    new = newer;
+                }
+                match accept_reload(config, &new).await {
+                    Ok(()) => break Ok(Ended::Reload(Box::new(new))),
+                    Err(ReloadRefused::Unchanged) => {
+                        tracing::info!("SIGHUP: the config did not change; nothing to do");
+                    }
+                    Err(refused) => tracing::error!(error = %crate::error_chain(&refused),
+                        "SIGHUP: new config refused; the running config stays"),
+                }
+            }
         }
-    };
-    let outcome = tokio::select! {
-        r = async { ready.await?; std::future::pending::<Result<(), RunError>>().await } => r,
-        () = &mut shutdown => Ok(()),
-        e = node.failed() => Err(RunError::Node(e)),
-        e = lost => fence_and_exit(&data_dir, &e),
     };
     let outcome = match outcome {
         Err(RunError::Node(e)) => Err(RunError::Node(e)),
-        // Stopping on request, or after another error (the ready file): stop gracefully either
-        // way, so shards keep their sessions and the replica gets the final state.
+        // Stopping on request, for a reload, or after another error (the ready file): stop
+        // gracefully either way, so shards keep their sessions and the replica gets the final
+        // state.
         other => {
-            tracing::info!("stopping: closing shards with the resume code, draining partitions");
+            match &other {
+                Ok(Ended::Reload(_)) => tracing::info!(
+                    "config changed: closing shards with the resume code, draining partitions \
+                     and releasing their leases"
+                ),
+                _ => tracing::info!(
+                    "stopping: closing shards with the resume code, draining partitions"
+                ),
+            }
             let stopped = match keeper.as_mut() {
                 None => node.shutdown().await,
                 // The final sync uploads: a lease lost meanwhile fences it like any other write.
@@ -284,6 +472,10 @@ pub async fn run(
                 },
             }
             .map_err(RunError::from);
+            pod.node.send_replace(None);
+            crate::node::metrics::record_stopped(
+                &config_topology.shards_of_pod(config.cluster.ordinal),
+            );
             match keeper {
                 // Only after a complete stop and final sync: the next owner restores what the
                 // replica has and resumes from it.
@@ -296,15 +488,31 @@ pub async fn run(
                 ),
                 None => {}
             }
-            other.and(stopped)
+            match other {
+                Ok(ended) => stopped.map(|()| ended),
+                Err(e) => Err(e),
+            }
         }
     };
-    // The server may already be gone; stopping it is best effort.
-    let _ = stop_http.send(());
-    if let Ok(Err(e)) = http.await {
-        tracing::warn!(error = %e, "http server error");
-    }
+    drop(retirement);
     outcome
+}
+
+/// [`check_reload`], then the new config's object store checks ([`preflight`]'s, minus the
+/// data dir's recorded partition count, which [`check_reload`] already compared).
+async fn accept_reload(running: &Config, new: &Config) -> Result<(), ReloadRefused> {
+    check_reload(running, new)?;
+    if new.replication.mode != ReplicationMode::Off {
+        crate::replication::restore::probe_endpoint(new)
+            .await
+            .map_err(|e| ReloadRefused::ObjectStore(Box::new(RunError::Node(e.into()))))?;
+    }
+    if new.cluster.pods > 1 {
+        check_object_store(new)
+            .await
+            .map_err(|e| ReloadRefused::ObjectStore(Box::new(e.into())))?;
+    }
+    Ok(())
 }
 
 /// Writes `value` as JSON to `path` atomically (temp file in the same directory, then rename), so
@@ -504,5 +712,44 @@ mod tests {
             configured: 128,
         });
         assert_eq!(changed.exit_code(), 2);
+    }
+
+    #[test]
+    fn a_reload_is_refused_when_nothing_changed_or_a_fixed_key_did() {
+        let running = Config::default();
+        assert!(matches!(
+            check_reload(&running, &running.clone()),
+            Err(ReloadRefused::Unchanged)
+        ));
+        let mut scaled = running.clone();
+        scaled.cluster.pods = 3;
+        check_reload(&running, &scaled).unwrap();
+        let mut moved = running.clone();
+        moved.storage.data_dir = "/elsewhere".into();
+        let refused = check_reload(&running, &moved).unwrap_err().to_string();
+        assert!(
+            refused.starts_with("storage.data_dir cannot change by SIGHUP"),
+            "{refused}"
+        );
+        let mut listen = running.clone();
+        listen.http.listen = "127.0.0.1:1".parse().unwrap();
+        assert!(matches!(
+            check_reload(&running, &listen),
+            Err(ReloadRefused::Fixed {
+                key: "http.listen",
+                ..
+            })
+        ));
+        let mut partitions = running.clone();
+        partitions.cluster.partitions = running.cluster.partitions * 2;
+        let refused = check_reload(&running, &partitions).unwrap_err().to_string();
+        assert!(
+            refused.contains(&format!(
+                "cluster.partitions cannot change by SIGHUP ({} → {})",
+                running.cluster.partitions,
+                running.cluster.partitions * 2
+            )),
+            "{refused}"
+        );
     }
 }

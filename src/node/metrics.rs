@@ -36,6 +36,15 @@ pub const DISPATCHES_APPLIED: &str = "shardlite_dispatches_applied_total";
 /// Counter: shard group restarts.
 pub const GROUP_RESTARTS: &str = "shardlite_group_restarts_total";
 
+/// Marks `shards` as no longer receiving (`shardlite_shard_up` 0) once the node that ran them
+/// stopped: after a reload moves a shard to another pod, this pod's series must not go on
+/// saying it is up.
+pub fn record_stopped(shards: &[u32]) {
+    for shard in shards {
+        metrics::gauge!("shardlite_shard_up", "shard" => shard.to_string()).set(0.0);
+    }
+}
+
 /// Sets the sequence and liveness gauges from a status snapshot.
 pub fn record_status(status: &NodeStatus) {
     for g in &status.groups {

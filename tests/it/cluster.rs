@@ -683,11 +683,11 @@ async fn joined(handle: std::thread::JoinHandle<NodeProcess>) -> NodeProcess {
         .unwrap()
 }
 
-/// Rescaling 1 → 2 → 3 → 1 pods by rolling restarts, as a StatefulSet does them (new pods
-/// first, then the old ones from the highest ordinal down; scale-down removes the highest
-/// ordinals first), under continuous ingest of 100,000 messages over 8 shards. New owners wait
-/// for leases the old owners still hold, take them when those stop, restore the partitions and
-/// resume the same sessions. Each step's duration is printed. In the end pod 0 holds every
+/// Rescaling 1 → 2 → 3 → 1 pods — by rolling restarts, as a StatefulSet does them (new pods
+/// first, then the old ones from the highest ordinal down), then by SIGHUP for 3 → 1 (pod 0
+/// reloads, the highest ordinals are removed) — under continuous ingest of 100,000 messages
+/// over 8 shards. New owners wait for leases the old owners still hold, take them when those
+/// stop, restore the partitions and resume the same sessions. Each step's duration is printed. In the end pod 0 holds every
 /// partition: every message exactly once, one identify per shard in total.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_rescale_1_2_3_1_under_ingest_moves_every_shard_with_its_session() {
@@ -741,15 +741,17 @@ async fn rolling_rescale_1_2_3_1_under_ingest_moves_every_shard_with_its_session
     pods = vec![pod0, joined(pod1).await, joined(pod2).await];
     println!("2 → 3 pods: {:.1?}", started.elapsed());
 
-    // 3 → 1: pods 2 and 1 are removed; pod 0 restarts with the new count.
+    // 3 → 1 by SIGHUP (systemd's way): pod 0 gets the new file and SIGHUP — it hands its own
+    // shards over to itself and waits for the others — then pods 2 and 1 are removed.
     flow(4);
     let started = std::time::Instant::now();
-    for pod in pods.drain(1..).rev() {
+    let pod0 = pods.remove(0);
+    sighup(&pod0, &sim, &spec(1, 0), "running the new config").await;
+    for pod in pods.drain(..).rev() {
         assert!(pod.stop().await.success());
     }
-    assert!(pods.pop().unwrap().stop().await.success());
-    let pod0 = NodeProcess::start(dirs[0].path(), &sim, &spec(1, 0)).await;
-    println!("3 → 1 pods: {:.1?}", started.elapsed());
+    ready_again(&pod0).await;
+    println!("3 → 1 pods by SIGHUP: {:.1?}", started.elapsed());
 
     sim.hold_script_at(None);
     sim.wait_all_sent(Duration::from_secs(180)).await.unwrap();
@@ -764,6 +766,125 @@ async fn rolling_rescale_1_2_3_1_under_ingest_moves_every_shard_with_its_session
         sim.status().shards
     );
     let v = verify(&data_dir, Topology::new(8, 16, 1).unwrap(), &sim.expected()).unwrap();
+    assert!(v.is_exact(), "{v:?}");
+    assert_eq!(v.stored_messages, MESSAGES);
+}
+
+/// Rewrites `node`'s config file for `spec`, sends SIGHUP and waits until `log` appears in its
+/// stderr one more time than before (with a deadline).
+async fn sighup(node: &NodeProcess, sim: &Simulator, spec: &NodeSpec, log: &str) {
+    let before = node.stderr_text().matches(log).count();
+    write_config(&node.dir, sim, spec);
+    signal(node.pid(), "HUP");
+    wait_for(log, Duration::from_secs(60), async || {
+        (node.stderr_text().matches(log).count() > before).then_some(())
+    })
+    .await;
+}
+
+/// Waits until `node` is ready again after a reload (its `/readyz` answers 200).
+async fn ready_again(node: &NodeProcess) {
+    wait_for(
+        "the pod to be ready again",
+        Duration::from_secs(120),
+        async || {
+            node.readyz()
+                .await
+                .and_then(|(code, _)| (code == 200).then_some(()))
+        },
+    )
+    .await;
+}
+
+/// Rescaling by SIGHUP (systemd: the config file changes, then `systemctl reload`). A SIGHUP with
+/// the same file does nothing and one that changes `cluster.partitions` is refused, the pod
+/// running on. 1 → 2: pod 1 starts with `pods = 2` and waits for shard 1's leases; pod 0 gets the
+/// new file and SIGHUP, drains, releases every lease with its position and runs the new config:
+/// it takes shard 0's partitions back, pod 1 restores shard 1's. 2 → 1: pod 0 gets SIGHUP first
+/// and waits for shard 1's leases until pod 1 stops. Every move resumes: one identify per
+/// shard in all, every message exactly once on pod 0 at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rescaling_by_sighup_1_2_1_hands_shards_over_inside_the_running_process() {
+    let bucket = s3::bucket("sighup").await;
+    let (sim, total) = handoff_sim().await;
+    let spec = |pods: u32, ordinal: u32| handoff_spec(&bucket, pods, ordinal);
+    let (dir0, dir1) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let pod0 = NodeProcess::start(dir0.path(), &sim, &spec(1, 0)).await;
+    pod0.wait_sessions_applied(&sim, Duration::from_secs(60))
+        .await;
+
+    sighup(
+        &pod0,
+        &sim,
+        &spec(1, 0),
+        "the config did not change; nothing to do",
+    )
+    .await;
+    let mut more_partitions = spec(1, 0);
+    more_partitions.partitions = 8;
+    sighup(
+        &pod0,
+        &sim,
+        &more_partitions,
+        "cluster.partitions cannot change by SIGHUP (4 → 8)",
+    )
+    .await;
+    assert_eq!(pod0.readyz().await.map(|(code, _)| code), Some(200));
+    assert_eq!(
+        pod0.stderr_text()
+            .matches("partition leases released")
+            .count(),
+        0,
+        "refused reloads hand nothing over"
+    );
+
+    // 1 → 2, mid-stream.
+    sim.hold_script_at(Some(total * 2 / 3));
+    let started = std::time::Instant::now();
+    let pod1 = start_in_background(dir1.path(), &sim, &spec(2, 1));
+    wait_for(
+        "pod 1 to wait for shard 1's leases",
+        Duration::from_secs(60),
+        async || {
+            let text = std::fs::read_to_string(dir1.path().join("stderr.log")).ok()?;
+            text.contains("waiting for lease: another process holds")
+                .then_some(())
+        },
+    )
+    .await;
+    sighup(&pod0, &sim, &spec(2, 0), "running the new config").await;
+    ready_again(&pod0).await;
+    let pod1 = joined(pod1).await;
+    println!("1 → 2 pods by SIGHUP: {:.1?}", started.elapsed());
+    let stderr1 = pod1.stderr_text();
+    assert_eq!(
+        stderr1.matches("decision=Restored").count(),
+        2,
+        "pod 1 restored shard 1's two partitions:\n{stderr1}"
+    );
+
+    // 2 → 1: pod 0 first (it waits for shard 1), then pod 1 is stopped, releasing it.
+    sim.hold_script_at(None);
+    let started = std::time::Instant::now();
+    sighup(&pod0, &sim, &spec(1, 0), "running the new config").await;
+    assert!(pod1.stop().await.success());
+    ready_again(&pod0).await;
+    println!("2 → 1 pods by SIGHUP: {:.1?}", started.elapsed());
+
+    sim.wait_all_sent(Duration::from_secs(120)).await.unwrap();
+    pod0.wait_caught_up(&sim, Duration::from_secs(60)).await;
+    let stderr0 = pod0.stderr_text();
+    assert_eq!(
+        stderr0.matches("partition leases released").count(),
+        2,
+        "one drained handoff per accepted SIGHUP:\n{stderr0}"
+    );
+    let data_dir = pod0.data_dir.clone();
+    assert!(pod0.stop().await.success());
+    for s in sim.status().shards {
+        assert_eq!(s.identifies, 1, "every move resumed its session: {s:?}");
+    }
+    let v = verify(&data_dir, Topology::new(2, 4, 1).unwrap(), &sim.expected()).unwrap();
     assert!(v.is_exact(), "{v:?}");
     assert_eq!(v.stored_messages, MESSAGES);
 }
