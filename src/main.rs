@@ -53,7 +53,7 @@ async fn dispatch(command: Command) -> ExitCode {
             // Registered before anything else runs: a SIGTERM while the pod waits for leases
             // stops it gracefully instead of killing it.
             let (reload_tx, reloads) = tokio::sync::mpsc::channel(4);
-            let shutdown = signals(args.config.clone(), reload_tx);
+            let shutdown = signals(Some((args.config.clone(), reload_tx)));
             match run::run(config, args.ready_file, shutdown, reloads).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(e.exit_code(), &chain(&e)),
@@ -135,15 +135,18 @@ async fn dispatch(command: Command) -> ExitCode {
     }
 }
 
-/// Resolves on ctrl-c or SIGTERM (what systemd and Kubernetes send to stop a process). On SIGHUP
-/// the config is read again from `config_path` (and the environment) and sent on `reloads`, for
-/// `run` to apply by a drained handoff (DESIGN §12); a file that does not load is reported and
-/// the running config stays. The handlers are registered when this is called, not when the
-/// returned future is first polled.
-fn signals(
-    config_path: Option<std::path::PathBuf>,
-    reloads: tokio::sync::mpsc::Sender<Config>,
-) -> impl std::future::Future<Output = ()> {
+/// Where SIGHUP sends the config it reads again: the `--config` path and `run`'s reload channel.
+type Reload = (
+    Option<std::path::PathBuf>,
+    tokio::sync::mpsc::Sender<Config>,
+);
+
+/// Resolves on ctrl-c or SIGTERM (what systemd and Kubernetes send to stop a process). With
+/// `reload`, SIGHUP reads the config again from its path (and the environment) and sends it on,
+/// for `run` to apply by a drained handoff (DESIGN §12); a file that does not load is reported
+/// and the running config stays. Without, SIGHUP is logged and ignored. The handlers are
+/// registered when this is called, not when the returned future is first polled.
+fn signals(reload: Option<Reload>) -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -174,15 +177,18 @@ fn signals(
                             Some(h) => h.recv().await,
                             None => std::future::pending().await,
                         }
-                    } => match Config::load(config_path.as_deref()) {
-                        Ok(config) => {
-                            tracing::info!("SIGHUP: config read again");
-                            if reloads.try_send(config).is_err() {
-                                tracing::warn!("SIGHUP: too many reloads pending; this one is dropped");
+                    } => match &reload {
+                        None => tracing::warn!("SIGHUP ignored: this command has no config to read again"),
+                        Some((path, reloads)) => match Config::load(path.as_deref()) {
+                            Ok(config) => {
+                                tracing::info!("SIGHUP: config read again");
+                                if reloads.try_send(config).is_err() {
+                                    tracing::warn!("SIGHUP: too many reloads pending; this one is dropped");
+                                }
                             }
-                        }
-                        Err(e) => tracing::error!(error = %e,
-                            "SIGHUP: the config does not load; the running config stays"),
+                            Err(e) => tracing::error!(error = %e,
+                                "SIGHUP: the config does not load; the running config stays"),
+                        },
                     },
                 }
             }
@@ -190,7 +196,7 @@ fn signals(
     }
     #[cfg(not(unix))]
     {
-        drop((config_path, reloads));
+        drop(reload);
         // Without a signal source, run until ctrl-c or killed.
         async {
             let _ = tokio::signal::ctrl_c().await;
@@ -199,9 +205,8 @@ fn signals(
 }
 
 /// Resolves on ctrl-c or SIGTERM; for `simulate`, which has no config to read again.
-async fn stop_signal() {
-    let (reloads, _) = tokio::sync::mpsc::channel(1);
-    signals(None, reloads).await;
+fn stop_signal() -> impl std::future::Future<Output = ()> {
+    signals(None)
 }
 
 fn fail(code: u8, message: &str) -> ExitCode {
