@@ -44,7 +44,7 @@ pub const TOKEN_ENV: &str = "DISCORD_TOKEN";
 
 /// Secrets of shardlite's own that it reads from the environment. Child processes that do not
 /// need them (Litestream, a local S3 server) never inherit them.
-pub const SECRET_ENV: &[&str] = &[TOKEN_ENV, "SHARDLITE_API_TOKEN"];
+pub const SECRET_ENV: &[&str] = &[TOKEN_ENV, API_TOKEN_ENV];
 
 /// Kubernetes pod ordinal variable (→ `cluster.ordinal`): a number or a StatefulSet pod name.
 pub const POD_ORDINAL_ENV: &str = "POD_ORDINAL";
@@ -212,12 +212,21 @@ impl Default for StorageConfig {
 pub struct HttpConfig {
     /// Listen address `IP:PORT`, default `127.0.0.1:3000`; port 0 picks a free port.
     pub listen: SocketAddr,
+    /// The bearer token `/v1` requires (DESIGN §8), read only from the `SHARDLITE_API_TOKEN`
+    /// environment variable (empty or absent → `None`: every `/v1` request then gets 503, the
+    /// API is never open). Never deserialised from a file; serialises as `"<redacted>"`.
+    #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub api_token: Option<Secret>,
 }
+
+/// The only source of the API's bearer token (DESIGN §8).
+pub const API_TOKEN_ENV: &str = "SHARDLITE_API_TOKEN";
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 3000)),
+            api_token: None,
         }
     }
 }
@@ -464,8 +473,8 @@ impl Config {
             .merge(KubernetesEnv)
     }
 
-    /// Extracts a [`Config`] from `figment`, sets `discord.token` from `DISCORD_TOKEN` (trimmed;
-    /// empty → `None`), and validates.
+    /// Extracts a [`Config`] from `figment`, sets `discord.token` from `DISCORD_TOKEN` and
+    /// `http.api_token` from `SHARDLITE_API_TOKEN` (trimmed; empty → `None`), and validates.
     ///
     /// # Errors
     /// As [`Config::load`].
@@ -484,11 +493,15 @@ impl Config {
             ));
         }
         let mut config: Config = figment.extract()?;
-        config.discord.token = std::env::var(TOKEN_ENV)
-            .ok()
-            .map(|t| t.trim().to_owned())
-            .filter(|t| !t.is_empty())
-            .map(Secret);
+        let secret = |name| {
+            std::env::var(name)
+                .ok()
+                .map(|t| t.trim().to_owned())
+                .filter(|t| !t.is_empty())
+                .map(Secret)
+        };
+        config.discord.token = secret(TOKEN_ENV);
+        config.http.api_token = secret(API_TOKEN_ENV);
         config.validate()?;
         Ok(config)
     }

@@ -245,6 +245,7 @@ pub async fn run(
     // Served from here on: while the pod waits for leases, /readyz says for which.
     let (waits_tx, waits) = tokio::sync::watch::channel(Default::default());
     let (node_tx, node_rx) = tokio::sync::watch::channel(None);
+    let (epochs_tx, epochs_rx) = tokio::sync::watch::channel(Default::default());
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let http = tokio::spawn(crate::http::serve(
         listener,
@@ -252,8 +253,11 @@ pub async fn run(
             crate::http::PodStatus {
                 waits,
                 node: node_rx,
+                epochs: epochs_rx,
             },
             metrics,
+            config.http.api_token.clone(),
+            config.storage.data_dir.clone(),
         ),
         async move {
             // Either a stop request or the sender dropped: both mean stop.
@@ -264,6 +268,7 @@ pub async fn run(
     let pod = Pod {
         waits: waits_tx,
         node: node_tx,
+        epochs: epochs_tx,
         ready_file,
         http: http_addr,
     };
@@ -301,6 +306,7 @@ pub async fn run(
 struct Pod {
     waits: tokio::sync::watch::Sender<std::collections::BTreeMap<PartitionId, LeaseWait>>,
     node: tokio::sync::watch::Sender<Option<crate::node::StatusHandle>>,
+    epochs: tokio::sync::watch::Sender<std::collections::BTreeMap<PartitionId, u64>>,
     ready_file: Option<PathBuf>,
     http: SocketAddr,
 }
@@ -376,6 +382,7 @@ async fn run_config(
     // Started once the node is ready: every partition has then uploaded its first snapshot into
     // its new generation.
     let retire = (!epochs.is_empty()).then(|| (config.clone(), epochs.clone()));
+    pod.epochs.send_replace(epochs.clone());
     // Aborted when this run ends (a reload starts the next run's own).
     let mut retirement: Option<AbortOnDrop> = None;
     let leased = Leased { epochs, released };
@@ -473,6 +480,7 @@ async fn run_config(
             }
             .map_err(RunError::from);
             pod.node.send_replace(None);
+            pod.epochs.send_replace(Default::default());
             crate::node::metrics::record_stopped(
                 &config_topology.shards_of_pod(config.cluster.ordinal),
             );

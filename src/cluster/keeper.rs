@@ -157,8 +157,15 @@ impl LeaseKeeper {
     /// Stops renewing and releases every lease, recording each partition's final position
     /// (DESIGN §7 handoff). Failures are logged: an unreleased lease just expires after its TTL.
     pub async fn release(self, mut positions: HashMap<PartitionId, ReleasedPosition>) {
+        // The renewer holds this lock across its requests: once it is ours, no renewal is in
+        // flight, and the renewer is asleep or waiting for the lock, where stopping it is safe.
+        // Aborted mid-request instead, a renewal could still land in the store after the abort
+        // and change the ETag the release is conditioned on: the release would then be refused
+        // (412) as if another process had taken the lease, and the next owner would wait a TTL.
+        let mut guard = self.held.lock().await;
         self.renewer.abort();
-        let held = std::mem::take(&mut *self.held.lock().await);
+        let held = std::mem::take(&mut *guard);
+        drop(guard);
         let count = held.len();
         let leases = &self.leases;
         let failed = futures_util::stream::iter(held)

@@ -1,11 +1,17 @@
-//! HTTP: health, readiness and Prometheus metrics (DESIGN §8). The guild API and the router arrive
-//! with the HTTP work; this module already owns the listener so they slot in as routes.
+//! HTTP on gateway pods (DESIGN §8): health, readiness and Prometheus metrics, open to all; the
+//! guild API under `/v1` ([`api`]), behind a bearer token ([`auth`]), reading partition files
+//! without slowing ingest ([`reader`]).
+
+pub mod api;
+pub mod auth;
+pub mod error;
+pub mod reader;
 
 use std::future::Future;
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
@@ -15,6 +21,7 @@ use tokio::sync::watch;
 
 use crate::cluster::LeaseWaits;
 use crate::node::StatusHandle;
+use crate::ownership::PartitionId;
 
 /// Bound on gathering the node's status for one request.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
@@ -27,6 +34,8 @@ pub struct PodStatus {
     pub waits: LeaseWaits,
     /// The node, once started.
     pub node: watch::Receiver<Option<StatusHandle>>,
+    /// The lease epoch each held partition writes under (empty without leases).
+    pub epochs: watch::Receiver<std::collections::BTreeMap<PartitionId, u64>>,
 }
 
 /// What the handlers share.
@@ -34,6 +43,7 @@ pub struct PodStatus {
 struct AppState {
     status: PodStatus,
     metrics: PrometheusHandle,
+    token: auth::ApiToken,
 }
 
 /// The gateway pod's routes, none of them authenticated (health and metrics never are):
@@ -46,15 +56,64 @@ struct AppState {
 ///   process — it renewed while watched — so a rolling update goes on and restarts the pod that
 ///   will release them (DESIGN §7 "Readiness during a handoff"); 503 while some lease is held
 ///   by a process that may have crashed (it runs out within a TTL). Otherwise 503
-///   `{"ready": false, "phase": "starting"}` (restoring, opening);
+///   `{"ready": false, "phase": "starting"}` (restoring, opening). Without the API's bearer
+///   token, session ids and resume URLs are left out (they would let anyone resume the bot's
+///   sessions);
 /// - `GET /metrics`: Prometheus text format (see [`crate::node::metrics`] for the names;
-///   `shardlite_leases_waiting` counts the leases still waited for).
-pub fn router(status: PodStatus, metrics: PrometheusHandle) -> Router {
+///   `shardlite_leases_waiting` counts the leases still waited for);
+/// - `/v1/…`: the guild API ([`api`]), with `Authorization: Bearer $SHARDLITE_API_TOKEN`; 503
+///   for every request when no token is configured (never open), 401 for a wrong one. Unknown
+///   paths get a JSON 404.
+pub fn router(
+    status: PodStatus,
+    metrics: PrometheusHandle,
+    token: Option<crate::config::Secret>,
+    data_dir: std::path::PathBuf,
+) -> Router {
+    let token = auth::ApiToken(token);
+    if token.0.is_none() {
+        tracing::warn!("SHARDLITE_API_TOKEN is not set: /v1 answers 503 to every request");
+    }
+    let api = Router::new()
+        .route("/v1/guilds/{guild_id}", get(api::guild))
+        .route("/v1/guilds/{guild_id}/members/{user_id}", get(api::member))
+        .route("/v1/guilds/{guild_id}/messages", get(api::messages))
+        .route("/v1/guilds/{guild_id}/stats", get(api::stats))
+        .route("/v1/ownership", get(api::ownership))
+        .with_state(api::Api::new(status.clone(), reader::Reader::new(data_dir)))
+        .route_layer(axum::middleware::from_fn_with_state(
+            token.clone(),
+            auth::require_token,
+        ));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
-        .with_state(AppState { status, metrics })
+        .with_state(AppState {
+            status,
+            metrics,
+            token,
+        })
+        .merge(api)
+        .fallback(|| async {
+            error::ApiError::not_found(
+                "no_such_route",
+                "no such route; see the README's API section",
+            )
+        })
+}
+
+/// Removes every `session_id` and `resume_url` from `value`, at any depth.
+fn redact_sessions(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            map.remove("session_id");
+            map.remove("resume_url");
+            map.values_mut().for_each(redact_sessions);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(redact_sessions),
+        _ => {}
+    }
 }
 
 async fn metrics_text(State(app): State<AppState>) -> impl IntoResponse {
@@ -75,7 +134,15 @@ async fn metrics_text(State(app): State<AppState>) -> impl IntoResponse {
     )
 }
 
-async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
+async fn readyz(State(app): State<AppState>, headers: HeaderMap) -> impl IntoResponse {
+    let (code, Json(mut body)) = readyz_body(&app).await;
+    if !app.token.accepts(&headers) {
+        redact_sessions(&mut body);
+    }
+    (code, Json(body))
+}
+
+async fn readyz_body(app: &AppState) -> (StatusCode, Json<serde_json::Value>) {
     let node = app.status.node.borrow().clone();
     let Some(node) = node else {
         let waits = app.status.waits.borrow().clone();
@@ -131,4 +198,91 @@ pub async fn serve(
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Serves the pod's routes with `token` on an ephemeral loopback port; no node runs.
+    async fn serve_without_node(token: Option<&str>) -> String {
+        let (_, waits) = watch::channel(Default::default());
+        let (_, node) = watch::channel(None);
+        let (_, epochs) = watch::channel(Default::default());
+        let app = router(
+            PodStatus {
+                waits,
+                node,
+                epochs,
+            },
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .build_recorder()
+                .handle(),
+            token.map(crate::config::Secret::new),
+            std::env::temp_dir(),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(listener, app, std::future::pending()));
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn without_a_token_the_api_is_closed_and_health_stays_open() {
+        let base = serve_without_node(None).await;
+        let client = reqwest::Client::new();
+        let resp = client
+            .get(format!("{base}/v1/guilds/1"))
+            .bearer_auth("anything")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 503);
+        assert!(resp.headers().contains_key("retry-after"));
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "api_token_not_configured");
+        let health = client.get(format!("{base}/healthz")).send().await.unwrap();
+        assert_eq!(health.status().as_u16(), 200);
+    }
+
+    #[tokio::test]
+    async fn with_a_token_a_starting_pod_answers_503_and_a_wrong_token_401() {
+        let base = serve_without_node(Some("t0ken")).await;
+        let client = reqwest::Client::new();
+        let get = |auth: &'static str| {
+            client
+                .get(format!("{base}/v1/guilds/1"))
+                .bearer_auth(auth)
+                .send()
+        };
+        assert_eq!(get("t0ke").await.unwrap().status().as_u16(), 401);
+        let starting = get("t0ken").await.unwrap();
+        assert_eq!(starting.status().as_u16(), 503);
+        let body: serde_json::Value = starting.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "starting");
+        // A malformed id is the client's error whatever the pod's state.
+        let bad = client
+            .get(format!("{base}/v1/guilds/x"))
+            .bearer_auth("t0ken")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(bad.status().as_u16(), 400);
+    }
+
+    #[test]
+    fn sessions_are_redacted_at_any_depth() {
+        let mut v = serde_json::json!({"groups": [{"shard_status": {"session_id": "s", "phase": "active"},
+            "partitions": [{"session": {"session_id": "s", "resume_url": "wss://r", "applied_seq": 3}}]}]});
+        redact_sessions(&mut v);
+        let text = v.to_string();
+        assert!(
+            !text.contains("session_id") && !text.contains("resume_url"),
+            "{text}"
+        );
+        assert!(
+            text.contains("applied_seq") && text.contains("active"),
+            "{text}"
+        );
+    }
 }

@@ -13,6 +13,7 @@
 mod apply;
 pub mod health;
 mod queries;
+pub mod reads;
 mod schema;
 
 use std::path::{Path, PathBuf};

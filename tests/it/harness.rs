@@ -13,6 +13,18 @@ use shardlite::simulator::Simulator;
 /// The token the simulator accepts by default.
 pub const TOKEN: &str = "simulated-token";
 
+/// The API bearer token every node under test gets (`SHARDLITE_API_TOKEN`).
+pub const API_TOKEN: &str = "test-api-token";
+
+/// GET `http://{addr}{path}` with the API token.
+pub async fn get_authorized(addr: &str, path: &str) -> reqwest::Result<reqwest::Response> {
+    reqwest::Client::new()
+        .get(format!("http://{addr}{path}"))
+        .bearer_auth(API_TOKEN)
+        .send()
+        .await
+}
+
 /// Path of the binary under test, built by cargo for this test run.
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_shardlite")
@@ -214,6 +226,7 @@ impl NodeProcess {
             .arg("--ready-file")
             .arg(&ready)
             .env("DISCORD_TOKEN", TOKEN)
+            .env("SHARDLITE_API_TOKEN", API_TOKEN)
             .env("RUST_LOG", "info")
             .env("AWS_ACCESS_KEY_ID", "test")
             .env("AWS_SECRET_ACCESS_KEY", "test")
@@ -253,9 +266,7 @@ impl NodeProcess {
 
     /// GET /readyz, parsed (ready or not).
     pub async fn status(&self) -> Option<NodeStatus> {
-        let resp = reqwest::get(format!("http://{}/readyz", self.http))
-            .await
-            .ok()?;
+        let resp = get_authorized(&self.http, "/readyz").await.ok()?;
         resp.json().await.ok()
     }
 
@@ -341,9 +352,7 @@ impl NodeProcess {
 
     /// GET /readyz: the HTTP status code and the parsed body (200 ready, 503 not ready).
     pub async fn readyz(&self) -> Option<(u16, NodeStatus)> {
-        let resp = reqwest::get(format!("http://{}/readyz", self.http))
-            .await
-            .ok()?;
+        let resp = get_authorized(&self.http, "/readyz").await.ok()?;
         let code = resp.status().as_u16();
         Some((code, resp.json().await.ok()?))
     }

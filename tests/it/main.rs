@@ -1,5 +1,6 @@
 //! Integration tests: the real binary against the in-process simulator, one test binary.
 
+mod api;
 mod bad_input;
 mod cluster;
 mod exactly_once;
