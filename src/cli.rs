@@ -21,8 +21,11 @@ pub struct Cli {
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the gateway: connect the owned shards, store every dispatch in its partition.
+    /// Run the gateway: connect the owned shards, store every dispatch in its partition (or the
+    /// router, with `cluster.mode = "router"`).
     Run(RunArgs),
+    /// Run the stateless router: forward `/v1/guilds/{id}/…` to the pod that owns the guild.
+    Router(RouterArgs),
     /// Run the simulator and a node in one process, then check every message was stored once.
     Demo(DemoArgs),
     /// Run the Discord gateway simulator alone (for `run` against it, benchmarks, manual tests).
@@ -46,6 +49,19 @@ pub struct RunArgs {
     #[arg(long, short)]
     pub config: Option<PathBuf>,
     /// Once ready, write `{"pid": N, "http": "127.0.0.1:PORT"}` here (atomically).
+    #[arg(long)]
+    pub ready_file: Option<PathBuf>,
+}
+
+/// `shardlite router`.
+#[derive(Debug, Args)]
+pub struct RouterArgs {
+    /// Config file (TOML), merged over the built-in defaults and under the environment;
+    /// `cluster.mode` is taken as `router` whatever it says. Read again when a pod answers 421.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Once listening, write `{"pid": N, "http": "127.0.0.1:PORT", "mode": "router"}` here
+    /// (atomically).
     #[arg(long)]
     pub ready_file: Option<PathBuf>,
 }

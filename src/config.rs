@@ -8,7 +8,8 @@
 //! 4. environment `SHARDLITE_SECTION__KEY` (`SHARDLITE_DISCORD__SHARDS=8` → `discord.shards`),
 //!    except the non-config names in [`NON_CONFIG_ENV`];
 //! 5. Kubernetes: `POD_ORDINAL` → `cluster.ordinal` (a number, or a StatefulSet pod name like
-//!    `gateway-3` → 3) and `NUM_GATEWAY_PODS` → `cluster.pods`.
+//!    `gateway-3` → 3), `NUM_GATEWAY_PODS` → `cluster.pods` and the seed deployments'
+//!    `SERVICE_MODE` → `cluster.mode`.
 //!
 //! Every struct denies unknown fields, so a misspelled key (in a file or a `SHARDLITE_` variable)
 //! is an error naming it rather than a silently ignored setting. The Discord token comes only from
@@ -51,6 +52,9 @@ pub const POD_ORDINAL_ENV: &str = "POD_ORDINAL";
 
 /// Kubernetes pod count variable (→ `cluster.pods`).
 pub const NUM_PODS_ENV: &str = "NUM_GATEWAY_PODS";
+
+/// The seed deployments' process mode variable (→ `cluster.mode`): `all`, `gateway` or `router`.
+pub const SERVICE_MODE_ENV: &str = "SERVICE_MODE";
 
 /// What a [`Secret`] prints as, in `Debug`, `Display` and `Serialize`.
 pub const REDACTED: &str = "<redacted>";
@@ -133,8 +137,12 @@ pub const DEFAULT_INTENTS: u64 = 1 | 1 << 1 | 1 << 9 | 1 << 15;
 pub struct ClusterConfig {
     /// Pod count M, default 1; 1 ≤ M ≤ `discord.shards`. Overridden by `NUM_GATEWAY_PODS`.
     pub pods: u32,
-    /// This pod's number k, default 0; k < `pods`. Overridden by `POD_ORDINAL`.
+    /// This pod's number k, default 0; k < `pods` (not checked in `router` mode, which owns
+    /// nothing). Overridden by `POD_ORDINAL`.
     pub ordinal: u32,
+    /// What this process runs, default [`ServiceMode::All`] (DESIGN §8). Overridden by
+    /// `SERVICE_MODE`.
+    pub mode: ServiceMode,
     /// Partition count P, default 64; a power of two ≥ `discord.shards`.
     pub partitions: u32,
     /// URL of pod `{ordinal}`'s HTTP server, default
@@ -153,6 +161,32 @@ pub struct ClusterConfig {
     pub superseded_retention_secs: u64,
 }
 
+/// `cluster.mode` (DESIGN §8, the seed deployments' `SERVICE_MODE`): written `all`, `gateway` or
+/// `router` in TOML and the environment.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceMode {
+    /// One process does everything: gateway shards, partitions and their `/v1` API.
+    #[default]
+    All,
+    /// A gateway pod: shards, partitions and the `/v1` API of the guilds it owns.
+    Gateway,
+    /// The stateless router ([`crate::router`]): forwards `/v1/guilds/{id}/…` to the owning pod;
+    /// needs no Discord token, no data directory and no replication.
+    Router,
+}
+
+impl fmt::Display for ServiceMode {
+    /// The TOML spelling: `all`, `gateway`, `router`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ServiceMode::All => "all",
+            ServiceMode::Gateway => "gateway",
+            ServiceMode::Router => "router",
+        })
+    }
+}
+
 /// Share of `replication.request_budget_per_sec` that lease renewals may spend, in percent.
 pub const LEASE_BUDGET_PERCENT: u64 = 5;
 
@@ -161,6 +195,7 @@ impl Default for ClusterConfig {
         ClusterConfig {
             pods: 1,
             ordinal: 0,
+            mode: ServiceMode::All,
             partitions: 64,
             peer_url_template: "http://gateway-{ordinal}.gateway-internal:3000".to_owned(),
             lease_ttl_secs: 60,
@@ -454,7 +489,8 @@ impl Config {
     /// The merged sources, lowest to highest priority: `Config::default()`, the embedded
     /// `config/default.toml`, `file` (`Toml::file_exact`: no search, missing = error), `SHARDLITE_`
     /// environment nested with `__` (minus [`NON_CONFIG_ENV`]), then `POD_ORDINAL` /
-    /// `NUM_GATEWAY_PODS`. Environment variables are read when the figment is extracted.
+    /// `NUM_GATEWAY_PODS` / `SERVICE_MODE`. Environment variables are read when the figment is
+    /// extracted.
     pub fn figment(file: Option<&Path>) -> Figment {
         let mut figment =
             Figment::from(Serialized::defaults(Config::default())).merge(EmbeddedDefaults);
@@ -521,7 +557,9 @@ impl Config {
     /// `bucket` and `endpoint` set, `request_budget_per_sec ≥ 1` and
     /// `partitions × 1000 / sync_interval_ms ≤ request_budget_per_sec` (DESIGN §6);
     /// `supervision.window_secs`, `backoff_initial_ms`, `shard_silence_timeout_secs` ≥ 1 and
-    /// `backoff_max_ms ≥ backoff_initial_ms`.
+    /// `backoff_max_ms ≥ backoff_initial_ms`. With `cluster.mode = router` the ordinal rule and
+    /// the rules that depend on `replication.mode` (pods > 1 needs `child`; bucket, endpoint,
+    /// request budget) do not apply: a router owns no partition.
     ///
     /// # Errors
     /// [`ConfigError::Invalid`] for the first broken rule, in the order above.
@@ -535,7 +573,9 @@ impl Config {
         );
         Topology::new(d.shards, c.partitions, c.pods)
             .map_err(|e| invalid(e.key(), e.value(), e.rule()))?;
-        if c.ordinal >= c.pods {
+        // A router owns no partition: its ordinal and the replication rules mean nothing to it.
+        let router = c.mode == ServiceMode::Router;
+        if !router && c.ordinal >= c.pods {
             return Err(invalid(
                 "cluster.ordinal",
                 c.ordinal,
@@ -621,7 +661,7 @@ impl Config {
                 "must be a non-empty bucket name without '/'",
             ));
         }
-        if c.pods > 1 && r.mode == ReplicationMode::Off {
+        if !router && c.pods > 1 && r.mode == ReplicationMode::Off {
             return Err(invalid(
                 "cluster.pods",
                 c.pods,
@@ -630,7 +670,7 @@ impl Config {
                  two pods from writing one partition (DESIGN §7)",
             ));
         }
-        if c.pods > 1 && r.mode == ReplicationMode::External {
+        if !router && c.pods > 1 && r.mode == ReplicationMode::External {
             return Err(invalid(
                 "replication.mode",
                 "\"external\"",
@@ -639,7 +679,7 @@ impl Config {
             ));
         }
         at_least_one("cluster.lease_ttl_secs", c.lease_ttl_secs)?;
-        if r.mode != ReplicationMode::Off {
+        if !router && r.mode != ReplicationMode::Off {
             if r.bucket.is_none() {
                 return Err(invalid(
                     "replication.bucket",
@@ -817,7 +857,8 @@ impl Provider for EmbeddedDefaults {
     }
 }
 
-/// `POD_ORDINAL` → `cluster.ordinal` and `NUM_GATEWAY_PODS` → `cluster.pods` (DESIGN §11).
+/// `POD_ORDINAL` → `cluster.ordinal`, `NUM_GATEWAY_PODS` → `cluster.pods` (DESIGN §11) and
+/// `SERVICE_MODE` → `cluster.mode` (DESIGN §8).
 struct KubernetesEnv;
 
 /// Parses `POD_ORDINAL`: a number (`3`) or a StatefulSet pod name ending in `-N` (`gateway-3`).
@@ -835,11 +876,12 @@ fn parse_pod_ordinal(raw: &str) -> Option<u32> {
 impl Provider for KubernetesEnv {
     fn metadata(&self) -> Metadata {
         Metadata::named(format!(
-            "{POD_ORDINAL_ENV}/{NUM_PODS_ENV} environment variable(s)"
+            "{POD_ORDINAL_ENV}/{NUM_PODS_ENV}/{SERVICE_MODE_ENV} environment variable(s)"
         ))
         .interpolater(|_: &Profile, path: &[&str]| match path {
             ["cluster", "ordinal"] => POD_ORDINAL_ENV.to_owned(),
             ["cluster", "pods"] => NUM_PODS_ENV.to_owned(),
+            ["cluster", "mode"] => SERVICE_MODE_ENV.to_owned(),
             other => other.join("."),
         })
     }
@@ -865,6 +907,11 @@ impl Provider for KubernetesEnv {
                 figment::Error::from(format!("{NUM_PODS_ENV} = {raw:?} is not a number of pods"))
             })?;
             cluster.insert("pods".into(), Value::from(pods));
+        }
+        // Passed on as written: an unknown mode fails deserialisation, which names the variable
+        // and the value.
+        if let Some(raw) = read(SERVICE_MODE_ENV) {
+            cluster.insert("mode".into(), Value::from(raw));
         }
         let mut dict = Dict::new();
         if !cluster.is_empty() {
@@ -961,7 +1008,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(count, 35);
+        assert_eq!(count, 36);
         // Optional keys are commented out (their default is None).
         for key in ["# gateway_url = ", "# endpoint = ", "# bucket = "] {
             assert!(DEFAULT_TOML.contains(key), "{key}");
@@ -1030,6 +1077,54 @@ mod tests {
         assert_eq!(parse_pod_ordinal("-3"), None);
         assert_eq!(parse_pod_ordinal("gateway-+3"), None);
         assert_eq!(parse_pod_ordinal(" 12 "), Some(12));
+    }
+
+    #[test]
+    fn service_mode() {
+        Jail::expect_with(|jail| {
+            assert_eq!(load_in(None).unwrap().cluster.mode, ServiceMode::All);
+            jail.create_file("c.toml", "[cluster]\nmode = \"gateway\"\n")?;
+            let c = load_in(Some("c.toml")).unwrap();
+            assert_eq!(c.cluster.mode, ServiceMode::Gateway);
+            jail.set_env("SERVICE_MODE", "router");
+            assert_eq!(
+                load_in(Some("c.toml")).unwrap().cluster.mode,
+                ServiceMode::Router
+            );
+            jail.set_env("SERVICE_MODE", "");
+            jail.create_file("bad.toml", "[cluster]\nmode = \"proxy\"\n")?;
+            let err = load_in(Some("bad.toml")).unwrap_err().to_string();
+            assert!(
+                err.contains("cluster.mode") && err.contains("proxy"),
+                "{err}"
+            );
+            jail.set_env("SERVICE_MODE", "sometimes");
+            let err = load_in(None).unwrap_err().to_string();
+            assert!(
+                err.contains("SERVICE_MODE") && err.contains("sometimes"),
+                "{err}"
+            );
+            jail.set_env("SERVICE_MODE", "");
+            jail.set_env("SHARDLITE_CLUSTER__MODE", "all");
+            assert_eq!(load_in(None).unwrap().cluster.mode, ServiceMode::All);
+            Ok(())
+        });
+        assert_eq!(ServiceMode::Router.to_string(), "router");
+    }
+
+    #[test]
+    fn router_mode_needs_no_replication() {
+        let mut c = Config::default();
+        c.discord.shards = 4;
+        c.cluster.pods = 3;
+        c.cluster.ordinal = 7;
+        c.cluster.mode = ServiceMode::Router;
+        c.validate().unwrap();
+        c.replication.mode = ReplicationMode::Child;
+        c.validate().unwrap();
+        // The topology rules still apply: every router computes the pods' ownership function.
+        c.cluster.pods = 5;
+        assert_eq!(c.validate().unwrap_err().key(), Some("cluster.pods"));
     }
 
     #[test]

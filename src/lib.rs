@@ -16,6 +16,7 @@
 //! | [`replication`] | `litestream.yml` rendering, replica generations (one per lease epoch: the fence), restore before open, forced syncs and signals of the Litestream process — no actors (DESIGN §6–7) |
 //! | [`cluster`] | one writer per partition: partition leases on S3 conditional writes, the store's capability check, the data-dir lock and recorded partition count — no actors (DESIGN §7) |
 //! | [`http`] | health and readiness endpoints (DESIGN §8) |
+//! | [`router`] | `shardlite router`: stateless forwarding of `/v1/guilds/{id}/…` to the owning pod, with bounded retries; `/v1/ownership` of every pod — no actors (DESIGN §8) |
 //! | [`simulator`] | the in-tree Discord gateway, a library for tests, benches and the demo (DESIGN §10) |
 //! | [`run`] | `shardlite run` and `shardlite simulate`: a process until it is told to stop |
 //! | [`demo`] | simulator + node in one process, then the exactly-once check |
@@ -23,7 +24,8 @@
 //!
 //! Dependencies point one way: `ownership` and `config` use nothing of ours; `store` knows nothing
 //! of actors or sockets; `replication` knows no actors (it uses `config`, `ownership`, `store`);
-//! `cluster` knows no actors (it uses `config`, `ownership`); `supervision` is neutral, a policy
+//! `cluster` knows no actors (it uses `config`, `ownership`); `router` knows no actors (it uses
+//! `config`, `ownership`); `supervision` is neutral, a policy
 //! any supervisor may use without knowing the others; `node` uses `store`, `ownership`,
 //! `replication` and `supervision`; `run` drives `cluster` around the node; `simulator` uses none
 //! of them.
@@ -54,6 +56,7 @@ pub mod http;
 pub mod node;
 pub mod ownership;
 pub mod replication;
+pub mod router;
 pub mod run;
 pub mod simulator;
 pub mod store;

@@ -6,10 +6,10 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 use shardlite::cli::{Cli, Command, ConfigCommand, LitestreamCommand};
-use shardlite::config::Config;
+use shardlite::config::{Config, ServiceMode};
 use shardlite::node::NodeError;
 use shardlite::replication::litestream_config;
-use shardlite::{demo, error_chain as chain, ownership, run};
+use shardlite::{demo, error_chain as chain, ownership, router, run};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -47,6 +47,10 @@ async fn dispatch(command: Command) -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return fail(2, &e.to_string()),
             };
+            // Before the token check: a router needs no Discord token.
+            if config.cluster.mode == ServiceMode::Router {
+                return run_router(config, args.config, args.ready_file).await;
+            }
             if config.discord.token.is_none() {
                 return fail(2, &NodeError::MissingToken.to_string());
             }
@@ -59,6 +63,10 @@ async fn dispatch(command: Command) -> ExitCode {
                 Err(e) => fail(e.exit_code(), &chain(&e)),
             }
         }
+        Command::Router(args) => match router::load_config(args.config.as_deref()) {
+            Ok(config) => run_router(config, args.config, args.ready_file).await,
+            Err(e) => fail(2, &e.to_string()),
+        },
         Command::Demo(args) => match demo::run(&args).await {
             Ok(report) => {
                 println!("{report}");
@@ -135,6 +143,19 @@ async fn dispatch(command: Command) -> ExitCode {
     }
 }
 
+/// Runs the router until ctrl-c or SIGTERM. SIGHUP is ignored: the router reads its config again
+/// by itself when a pod answers 421.
+async fn run_router(
+    config: Config,
+    path: Option<std::path::PathBuf>,
+    ready_file: Option<std::path::PathBuf>,
+) -> ExitCode {
+    match router::run(config, path, ready_file, stop_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(1, &chain(&e)),
+    }
+}
+
 /// Where SIGHUP sends the config it reads again: the `--config` path and `run`'s reload channel.
 type Reload = (
     Option<std::path::PathBuf>,
@@ -204,7 +225,7 @@ fn signals(reload: Option<Reload>) -> impl std::future::Future<Output = ()> {
     }
 }
 
-/// Resolves on ctrl-c or SIGTERM; for `simulate`, which has no config to read again.
+/// Resolves on ctrl-c or SIGTERM; for `simulate` and `router`, which read no config on SIGHUP.
 fn stop_signal() -> impl std::future::Future<Output = ()> {
     signals(None)
 }

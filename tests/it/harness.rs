@@ -31,13 +31,14 @@ pub fn bin() -> &'static str {
 }
 
 /// A `Command` for the binary with a clean environment: no inherited `SHARDLITE_*`, `POD_ORDINAL`,
-/// `NUM_GATEWAY_PODS` or `DISCORD_TOKEN` can change what the test means.
+/// `NUM_GATEWAY_PODS`, `SERVICE_MODE` or `DISCORD_TOKEN` can change what the test means.
 pub fn command() -> Command {
     let mut cmd = Command::new(bin());
     for (key, _) in std::env::vars() {
         if key.starts_with("SHARDLITE_")
             || key == "POD_ORDINAL"
             || key == "NUM_GATEWAY_PODS"
+            || key == "SERVICE_MODE"
             || key == "DISCORD_TOKEN"
             || key == "RUST_LOG"
         {

@@ -7,5 +7,6 @@ mod exactly_once;
 mod harness;
 mod ingest;
 mod replication;
+mod router;
 mod s3;
 mod supervision;
