@@ -15,7 +15,7 @@
 //! | [`store`] | one partition's SQLite file: schema, dispatch → rows, applied sequence, file checks (DESIGN §4–5) |
 //! | [`replication`] | `litestream.yml` rendering, replica generations (one per lease epoch: the fence), restore before open, forced syncs and signals of the Litestream process — no actors (DESIGN §6–7) |
 //! | [`cluster`] | one writer per partition: partition leases on S3 conditional writes, the store's capability check, the data-dir lock and recorded partition count — no actors (DESIGN §7) |
-//! | [`http`] | health and readiness endpoints (DESIGN §8) |
+//! | [`http`] | a gateway pod's HTTP: health, readiness, metrics, and the guild API under `/v1` (token, read-only queries, JSON errors) (DESIGN §8) |
 //! | [`router`] | `shardlite router`: stateless forwarding of `/v1/guilds/{id}/…` to the owning pod, with bounded retries; `/v1/ownership` of every pod — no actors (DESIGN §8) |
 //! | [`simulator`] | the in-tree Discord gateway, a library for tests, benches and the demo (DESIGN §10) |
 //! | [`run`] | `shardlite run` and `shardlite simulate`: a process until it is told to stop |
