@@ -295,6 +295,7 @@ fn spawn_run(dir: &Path, sim: &Simulator, spec: &NodeSpec) -> Child {
         .arg("--ready-file")
         .arg(&ready)
         .env("DISCORD_TOKEN", harness::TOKEN)
+        .env("SHARDLITE_API_TOKEN", harness::API_TOKEN)
         .env("RUST_LOG", "info")
         .env("AWS_ACCESS_KEY_ID", "test")
         .env("AWS_SECRET_ACCESS_KEY", "test")
@@ -377,7 +378,8 @@ impl Pod {
     /// GET /readyz of the current run, if it is ready.
     async fn status(&self) -> Option<shardlite::node::NodeStatus> {
         let http = self.ready.borrow().clone()?;
-        let resp = reqwest::get(format!("http://{http}/readyz")).await.ok()?;
+        // With the token: the session ids are what the bench compares.
+        let resp = harness::get_authorized(&http, "/readyz").await.ok()?;
         resp.json().await.ok()
     }
 
