@@ -155,6 +155,8 @@ pub struct NodeSpec {
     /// never released) waits seconds, not the default minute, and a renewal still has 6 s to
     /// succeed on a loaded machine.
     pub lease_ttl_secs: Option<u64>,
+    /// `http.listen`; `None` = `127.0.0.1:0` (an ephemeral port).
+    pub http_listen: Option<String>,
 }
 
 /// Writes `dir/shardlite.toml` for a node of `spec` against `sim`, with its data in `dir/data`
@@ -165,7 +167,7 @@ pub fn write_config(dir: &Path, sim: &Simulator, spec: &NodeSpec) -> PathBuf {
         &config,
         format!(
             "[discord]\ngateway_url = \"{}\"\napi_url = \"{}\"\nshards = {}\n\
-             [cluster]\npartitions = {}\nlease_ttl_secs = {}\n{}[storage]\ndata_dir = \"{}\"\n{}[http]\nlisten = \"127.0.0.1:0\"\n{}",
+             [cluster]\npartitions = {}\nlease_ttl_secs = {}\n{}[storage]\ndata_dir = \"{}\"\n{}[http]\nlisten = \"{}\"\n{}",
             sim.gateway_url(),
             sim.api_url(),
             spec.shards,
@@ -174,6 +176,7 @@ pub fn write_config(dir: &Path, sim: &Simulator, spec: &NodeSpec) -> PathBuf {
             spec.cluster_toml,
             dir.join("data").display(),
             spec.storage_toml,
+            spec.http_listen.as_deref().unwrap_or("127.0.0.1:0"),
             spec.extra_toml
         ),
     )

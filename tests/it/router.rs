@@ -235,9 +235,14 @@ impl RouterProcess {
         pods: u32,
         port: u16,
     ) -> RouterProcess {
+        Self::start_config(args, env, &config_text(pods, port)).await
+    }
+
+    /// Starts `shardlite ARGS --config …` with `text` as the config file.
+    async fn start_config(args: &[&str], env: &[(&str, &str)], text: &str) -> RouterProcess {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("router.toml");
-        std::fs::write(&config, config_text(pods, port)).unwrap();
+        std::fs::write(&config, text).unwrap();
         let ready = dir.path().join("ready.json");
         let stderr = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
         let child = command()
@@ -659,4 +664,166 @@ async fn router_mode_of_run_needs_no_token_and_bad_modes_exit_2() {
         stderr.contains("SERVICE_MODE") && stderr.contains("proxy"),
         "{stderr}"
     );
+}
+
+/// A port free on 127.0.0.10, .11 and .12 at once (checked by binding all three, then released).
+fn port_free_on_three_loopback_addresses() -> u16 {
+    for _ in 0..50 {
+        let first = std::net::TcpListener::bind((stub_ip(0), 0)).unwrap();
+        let port = first.local_addr().unwrap().port();
+        let others: Vec<_> = (1..PODS)
+            .map(|pod| std::net::TcpListener::bind((stub_ip(pod), port)))
+            .collect();
+        if others.iter().all(Result::is_ok) {
+            return port;
+        }
+    }
+    panic!("no port free on 127.0.0.10..=12");
+}
+
+/// The whole path, for real: 3 gateway pods (each with its Litestream child, leases in the local
+/// S3 server) behind 2 routers, and the simulator. Every guild, asked through either router,
+/// reaches its owner and answers what the simulator sent (channels, roles, messages); a stopped
+/// owner gives 503 `owner_unavailable` within the retry bound while the other pods' guilds still
+/// answer, and its guilds answer again once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routers_in_front_of_three_real_pods_reach_every_guilds_owner() {
+    use crate::harness::{API_TOKEN, NodeProcess, NodeSpec};
+    use shardlite::simulator::{SimConfig, Simulator};
+
+    const SHARDS: u32 = 4;
+    const PARTITIONS: u32 = 8;
+    let bucket = crate::s3::bucket("routers").await;
+    let sim = Simulator::start(SimConfig {
+        guilds: 60,
+        shards: SHARDS,
+        messages: 4_000,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let port = port_free_on_three_loopback_addresses();
+    let template = format!("http://127.0.0.1{{ordinal}}:{port}");
+    let spec = |ordinal: u32| NodeSpec {
+        shards: SHARDS,
+        partitions: PARTITIONS,
+        cluster_toml: format!(
+            "pods = {PODS}\nordinal = {ordinal}\npeer_url_template = \"{template}\"\n"
+        ),
+        extra_toml: crate::s3::replication_toml(&bucket, crate::s3::endpoint(), 60),
+        http_listen: Some(format!("{}:{port}", stub_ip(ordinal))),
+        ..NodeSpec::default()
+    };
+    let dirs: Vec<_> = (0..PODS).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut pods = Vec::new();
+    for (ordinal, dir) in (0..PODS).zip(&dirs) {
+        pods.push(NodeProcess::start(dir.path(), &sim, &spec(ordinal)).await);
+    }
+    sim.wait_all_sent(Duration::from_secs(120)).await.unwrap();
+    let topology = Topology::new(SHARDS, PARTITIONS, PODS).unwrap();
+    for (ordinal, pod) in (0..PODS).zip(&pods) {
+        pod.wait_caught_up_on(
+            &sim,
+            &topology.shards_of_pod(ordinal),
+            Duration::from_secs(60),
+        )
+        .await;
+    }
+    let router_config = format!(
+        "[discord]\nshards = {SHARDS}\n[cluster]\npods = {PODS}\npartitions = {PARTITIONS}\n\
+         peer_url_template = \"{template}\"\n[http]\nlisten = \"127.0.0.1:0\"\n"
+    );
+    let routers = [
+        RouterProcess::start_config(&["router"], &[], &router_config).await,
+        RouterProcess::start_config(&["router"], &[], &router_config).await,
+    ];
+    let client = client();
+    let get = |router: &RouterProcess, path: String| {
+        client.get(router.url(&path)).bearer_auth(API_TOKEN).send()
+    };
+
+    let expected = sim.expected();
+    for (i, (&guild, want)) in expected.guilds.iter().enumerate() {
+        let router = &routers[i % 2];
+        let (status, _, body) =
+            json(get(router, format!("/v1/guilds/{guild}")).await.unwrap()).await;
+        assert_eq!(status, StatusCode::OK, "guild {guild}: {body}");
+        assert_eq!(body["id"], guild.to_string());
+        assert_eq!(
+            body["channels"].as_array().unwrap().len() as u32,
+            want.channels,
+            "{body}"
+        );
+        assert_eq!(
+            body["roles"].as_array().unwrap().len() as u32,
+            want.roles,
+            "{body}"
+        );
+        let (status, _, stats) = json(
+            get(router, format!("/v1/guilds/{guild}/stats?group_by=channel"))
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{stats}");
+        assert_eq!(
+            stats["total"].as_u64().unwrap() as u32,
+            want.messages_created,
+            "{stats}"
+        );
+    }
+    let (_, _, ownership) = json(get(&routers[0], "/v1/ownership".into()).await.unwrap()).await;
+    let up: Vec<bool> = ownership["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["up"].as_bool().unwrap())
+        .collect();
+    assert_eq!(up, [true, true, true], "{ownership}");
+
+    // Pod 1 stops: its guilds get 503 within the retry bound, never another pod's 200.
+    let of_pod = |pod: u32| {
+        *expected
+            .guilds
+            .keys()
+            .find(|&&g| topology.pod_of_guild(g) == pod)
+            .unwrap()
+    };
+    let stopped = pods.remove(1);
+    assert!(stopped.stop().await.success());
+    let started = Instant::now();
+    let (status, headers, body) = json(
+        get(&routers[1], format!("/v1/guilds/{}", of_pod(1)))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["code"], "owner_unavailable", "{body}");
+    assert!(headers.contains_key(header::RETRY_AFTER));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let (status, _, body) = json(
+        get(&routers[1], format!("/v1/guilds/{}", of_pod(0)))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // Back (same ordinal, same volume): its guilds answer again.
+    pods.insert(1, NodeProcess::start(dirs[1].path(), &sim, &spec(1)).await);
+    let (status, _, body) = json(
+        get(&routers[0], format!("/v1/guilds/{}", of_pod(1)))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for pod in pods {
+        assert!(pod.stop().await.success());
+    }
 }
