@@ -285,7 +285,9 @@ async fn recorded_epoch(path: &Path, partition: PartitionId) -> Result<u64, Repl
 
 /// Renames a partition file that must not be used (with its `-wal`, `-shm` and Litestream's
 /// `.NAME-litestream` metadata directory, which describes the old file) to
-/// `NAME.{label}-UNIXSECS…` (`corrupt`, `stale`), whichever of them exist; never deletes.
+/// `NAME.{label}-UNIXSECS` (`corrupt`, `stale`), whichever of them exist; never deletes. When a
+/// name of that second is taken (two moves within one second: a reload, a restart loop), the
+/// suffix gets `-1`, `-2`, …: a rename onto an existing name would replace the copy kept before.
 /// Returns the new name of the database file, if it existed.
 ///
 /// # Errors
@@ -299,17 +301,28 @@ pub fn move_aside(path: &Path, label: &str) -> Result<Option<PathBuf>, Replicati
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut moved = None;
     let companions = [
         name.clone(),
         format!("{name}-wal"),
         format!("{name}-shm"),
         format!(".{name}-litestream"),
     ];
+    let suffix = (0u32..)
+        .map(|n| match n {
+            0 => format!("{label}-{stamp}"),
+            n => format!("{label}-{stamp}-{n}"),
+        })
+        .find(|suffix| {
+            companions
+                .iter()
+                .all(|c| !dir.join(format!("{c}.{suffix}")).exists())
+        })
+        .expect("some counter suffix is free");
+    let mut moved = None;
     for companion in companions {
         let from = dir.join(&companion);
         if from.exists() {
-            let to = dir.join(format!("{companion}.{label}-{stamp}"));
+            let to = dir.join(format!("{companion}.{suffix}"));
             std::fs::rename(&from, &to).map_err(|source| ReplicationError::MoveAside {
                 path: from.clone(),
                 source,
@@ -350,5 +363,38 @@ pub async fn probe_endpoint(config: &Config) -> Result<(), ReplicationError> {
     match client.head(&endpoint).send().await {
         Ok(_) => Ok(()),
         Err(source) => Err(ReplicationError::Unreachable { endpoint, source }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two moves of the same file within one second keep both copies: the second does not
+    /// rename onto (and replace) the first.
+    #[test]
+    fn moves_within_one_second_never_replace_an_earlier_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p0001.sqlite3");
+        let mut moved = Vec::new();
+        for content in ["first", "second", "third"] {
+            std::fs::write(&path, content).unwrap();
+            std::fs::write(dir.path().join("p0001.sqlite3-wal"), content).unwrap();
+            moved.push(move_aside(&path, "stale").unwrap().unwrap());
+        }
+        let kept: Vec<String> = moved
+            .iter()
+            .map(|p| std::fs::read_to_string(p).unwrap())
+            .collect();
+        assert_eq!(kept, ["first", "second", "third"], "{moved:?}");
+        for m in &moved {
+            let wal = PathBuf::from(m.display().to_string().replacen(
+                "p0001.sqlite3.",
+                "p0001.sqlite3-wal.",
+                1,
+            ));
+            assert!(wal.exists(), "{} kept with its file", wal.display());
+        }
+        assert!(!path.exists());
     }
 }
