@@ -772,6 +772,26 @@ impl Config {
     pub fn to_toml_redacted(&self) -> String {
         toml::to_string(self).expect("Config always serialises to TOML")
     }
+
+    /// Discord URLs that would carry the bot token in plain text to another machine: `ws://`
+    /// `discord.gateway_url` or `http://` `discord.api_url` whose host is not loopback, as
+    /// `(key, url)`. Allowed (a simulator or proxy on another host is legitimate), but `run`
+    /// logs a warning for each: anyone on the path can read the token and the traffic.
+    pub fn plaintext_discord_urls(&self) -> Vec<(&'static str, String)> {
+        let d = &self.discord;
+        [
+            ("discord.gateway_url", d.gateway_url.as_deref(), "ws://"),
+            ("discord.api_url", Some(d.api_url.as_str()), "http://"),
+        ]
+        .into_iter()
+        .filter_map(|(key, url, plain)| {
+            let url = url?;
+            let remote =
+                url.starts_with(plain) && !url_host(url).is_some_and(|h| is_loopback_host(&h));
+            remote.then(|| (key, url.to_owned()))
+        })
+        .collect()
+    }
 }
 
 fn at_least_one(key: &'static str, value: u64) -> Result<(), ConfigError> {
@@ -783,6 +803,28 @@ fn at_least_one(key: &'static str, value: u64) -> Result<(), ConfigError> {
 
 /// A base URL: one of `schemes`, a non-empty host, no whitespace, no trailing '/', no query or
 /// fragment (callers append paths like `/v10/…` and `/?v=10…`).
+/// The host of `url` (after the scheme, before any port or path), lowercased; IPv6 hosts keep
+/// their brackets.
+fn url_host(url: &str) -> Option<String> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split('/').next()?;
+    let host = if authority.starts_with('[') {
+        authority.split_inclusive(']').next()?
+    } else {
+        authority.split(':').next()?
+    };
+    Some(host.to_ascii_lowercase())
+}
+
+/// Whether `host` is on this machine: `localhost`, 127.0.0.0/8 or `[::1]`.
+fn is_loopback_host(host: &str) -> bool {
+    host == "localhost"
+        || host == "[::1]"
+        || host
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 fn check_url(key: &'static str, url: &str, schemes: &[&str]) -> Result<(), ConfigError> {
     let fail = |rule: String| Err(invalid(key, format!("{url:?}"), rule));
     let Some(rest) = schemes.iter().find_map(|s| url.strip_prefix(s)) else {
@@ -790,6 +832,18 @@ fn check_url(key: &'static str, url: &str, schemes: &[&str]) -> Result<(), Confi
     };
     if rest.is_empty() || rest.starts_with('/') {
         return fail("must name a host after the scheme".to_owned());
+    }
+    let authority = rest.split('/').next().unwrap_or_default();
+    if let Some((_, host)) = authority.rsplit_once('@') {
+        // The value is not echoed: it holds a secret.
+        let scheme = &url[..url.len() - rest.len()];
+        return Err(invalid(
+            key,
+            format!("\"{scheme}<redacted>@{host}…\""),
+            "must not contain credentials (user:password@); set AWS_ACCESS_KEY_ID and \
+             AWS_SECRET_ACCESS_KEY in the environment instead"
+                .to_owned(),
+        ));
     }
     if url.chars().any(char::is_whitespace) {
         return fail("must not contain whitespace".to_owned());
@@ -1439,5 +1493,46 @@ mod tests {
         assert_eq!(format!("{s:?} {s}"), "<redacted> <redacted>");
         assert_eq!(serde_json::to_string(&s).unwrap(), "\"<redacted>\"");
         assert_eq!(s.expose(), "hunter2");
+    }
+
+    #[test]
+    fn urls_with_credentials_are_refused_without_echoing_them() {
+        let mut c = Config::default();
+        c.replication.mode = ReplicationMode::Child;
+        c.replication.bucket = Some("b".into());
+        c.replication.endpoint = Some("https://key:s3cr3t@nyc3.digitaloceanspaces.com".into());
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("replication.endpoint") && err.contains("credentials"),
+            "{err}"
+        );
+        assert!(!err.contains("s3cr3t") && !err.contains("key:"), "{err}");
+        assert!(err.contains("nyc3.digitaloceanspaces.com"), "{err}");
+    }
+
+    #[test]
+    fn plain_text_discord_urls_to_other_hosts_are_named() {
+        let mut c = Config::default();
+        assert!(
+            c.plaintext_discord_urls().is_empty(),
+            "Discord's own URLs are TLS"
+        );
+        for local in [
+            "ws://127.0.0.1:9000",
+            "ws://localhost:9000",
+            "ws://[::1]:9000",
+        ] {
+            c.discord.gateway_url = Some(local.into());
+            c.discord.api_url = "http://127.0.0.5:9001".into();
+            assert!(c.plaintext_discord_urls().is_empty(), "{local}");
+        }
+        c.discord.gateway_url = Some("ws://gateway.example.com".into());
+        c.discord.api_url = "http://10.0.0.7:8080".into();
+        let keys: Vec<_> = c
+            .plaintext_discord_urls()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(keys, ["discord.gateway_url", "discord.api_url"]);
     }
 }

@@ -226,6 +226,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     mut reloads: tokio::sync::mpsc::Receiver<Config>,
 ) -> Result<(), RunError> {
+    for (key, url) in config.plaintext_discord_urls() {
+        tracing::warn!(key, url = %url,
+            "plain-text Discord URL to another host: the bot token and every event cross the network unencrypted");
+    }
     // Held until this function returns: nothing below touches the data dir without it.
     let lock = crate::cluster::DataDirLock::acquire(&config.storage.data_dir)?;
     tracing::debug!(lock = %lock.path().display(), "data dir locked");
