@@ -25,10 +25,10 @@
 //! Dependencies point one way: `ownership` and `config` use nothing of ours; `store` knows nothing
 //! of actors or sockets; `replication` knows no actors (it uses `config`, `ownership`, `store`);
 //! `cluster` knows no actors (it uses `config`, `ownership`); `router` knows no actors (it uses
-//! `config`, `ownership`); `supervision` is neutral, a policy
-//! any supervisor may use without knowing the others; `node` uses `store`, `ownership`,
-//! `replication` and `supervision`; `run` drives `cluster` around the node; `simulator` uses none
-//! of them.
+//! `config`, `ownership`); `supervision` is neutral, a policy any supervisor may use without
+//! knowing the others; `node` uses `store`, `ownership`, `replication` and `supervision`; `http`
+//! reads the node's status handle and the partition files through `store`, never writing; `run`
+//! drives `cluster` and `http` around the node; `simulator` uses none of them.
 //!
 //! # Glossary
 //! - **shard**: one gateway connection; Discord sends a guild's events only to shard
