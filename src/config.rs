@@ -649,6 +649,31 @@ impl Config {
                 "must be non-empty with no leading or trailing '/'",
             ));
         }
+        // Replicate reads the prefix from litestream.yml, restore from an s3:// URL: a '#' or
+        // '?' cuts that URL, a '%' is decoded in it, a '$' was expanded in the file. Data would
+        // be uploaded to one path and restored from another, and a lost disk would come back
+        // empty. S3's safe key characters mean the same text on both sides.
+        if let Some(bad) = r
+            .prefix
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/')))
+        {
+            return Err(invalid(
+                "replication.prefix",
+                format!("{:?}", r.prefix),
+                format!(
+                    "contains {bad:?}: use letters, digits, '-', '_', '.' and '/' only (the \
+                     replica path must read the same in litestream.yml and in a restore URL)"
+                ),
+            ));
+        }
+        if r.prefix.contains("//") {
+            return Err(invalid(
+                "replication.prefix",
+                format!("{:?}", r.prefix),
+                "must not contain an empty segment ('//')",
+            ));
+        }
         if let Some(endpoint) = &r.endpoint {
             check_url("replication.endpoint", endpoint, &["http://", "https://"])?;
         }
@@ -1375,6 +1400,21 @@ mod tests {
                 c.replication.region = String::new()
             }),
             ("replication.prefix", |c| c.replication.prefix = "a/".into()),
+            ("replication.prefix", |c| {
+                c.replication.prefix = "bot#1".into()
+            }),
+            ("replication.prefix", |c| {
+                c.replication.prefix = "a?b".into()
+            }),
+            ("replication.prefix", |c| {
+                c.replication.prefix = "a%2Fb".into()
+            }),
+            ("replication.prefix", |c| {
+                c.replication.prefix = "$HOME".into()
+            }),
+            ("replication.prefix", |c| {
+                c.replication.prefix = "a//b".into()
+            }),
             ("replication.prefix", |c| {
                 c.replication.prefix = String::new()
             }),

@@ -217,6 +217,8 @@ impl LitestreamState {
         let generation = self.generation;
         let mut cmd = litestream_command(&self.args.bin);
         cmd.arg("replicate")
+            // The file is ours, rendered from the config: a '$' in it is text, as in a restore.
+            .arg("-no-expand-env")
             .arg("-config")
             .arg(&self.args.config_file)
             // Litestream logs to stdout; ours is for command output, so its log joins our log.
