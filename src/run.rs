@@ -278,18 +278,15 @@ pub async fn run(
     };
     tokio::pin!(shutdown);
     let mut config = config;
-    let mut first = true;
     let outcome = loop {
-        if !first {
-            // The first config was checked before the socket was bound.
-            if let Err(e) = preflight(&config).await {
-                break Err(e);
-            }
-        }
-        first = false;
         match run_config(&config, &pod, &mut shutdown, &mut reloads).await {
             Ok(Ended::Stopped) => break Ok(()),
             Ok(Ended::Reload(new)) => {
+                // Its object store was checked when the reload was accepted; what is left is
+                // recording the (possibly new) shard total with the data.
+                if let Err(e) = check_recorded_topology(&new) {
+                    break Err(e);
+                }
                 tracing::info!("running the new config");
                 config = *new;
             }
@@ -323,15 +320,25 @@ enum Ended {
     Reload(Box<Config>),
 }
 
-/// The checks a config passes before anything is written under it: the partition count
-/// recorded in the data dir, the object store reachable, and with several pods, an object store
-/// that enforces the preconditions leases need.
+/// The checks a config passes before anything is written under it:
+/// [`check_recorded_topology`], then [`check_store`].
 async fn preflight(config: &Config) -> Result<(), RunError> {
-    crate::cluster::check_topology(
+    check_recorded_topology(config)?;
+    check_store(config).await
+}
+
+/// The partition count recorded in the data dir is the configured one; records the shard total.
+fn check_recorded_topology(config: &Config) -> Result<(), RunError> {
+    Ok(crate::cluster::check_topology(
         &config.storage.data_dir,
         config.discord.shards,
         config.cluster.partitions,
-    )?;
+    )?)
+}
+
+/// The object store is reachable, and with several pods it enforces the preconditions leases
+/// need.
+async fn check_store(config: &Config) -> Result<(), RunError> {
     if config.replication.mode != ReplicationMode::Off {
         // An unreachable store fails the start at once, naming it (the lease client and
         // Litestream would both retry for a long time first).
@@ -510,21 +517,13 @@ async fn run_config(
     outcome
 }
 
-/// [`check_reload`], then the new config's object store checks ([`preflight`]'s, minus the
-/// data dir's recorded partition count, which [`check_reload`] already compared).
+/// [`check_reload`], then [`check_store`] for the new config, before anything running is
+/// stopped (the recorded partition count needs no check: [`check_reload`] refuses a change).
 async fn accept_reload(running: &Config, new: &Config) -> Result<(), ReloadRefused> {
     check_reload(running, new)?;
-    if new.replication.mode != ReplicationMode::Off {
-        crate::replication::restore::probe_endpoint(new)
-            .await
-            .map_err(|e| ReloadRefused::ObjectStore(Box::new(RunError::Node(e.into()))))?;
-    }
-    if new.cluster.pods > 1 {
-        check_object_store(new)
-            .await
-            .map_err(|e| ReloadRefused::ObjectStore(Box::new(e.into())))?;
-    }
-    Ok(())
+    check_store(new)
+        .await
+        .map_err(|e| ReloadRefused::ObjectStore(Box::new(e)))
 }
 
 /// Writes `value` as JSON to `path` atomically (temp file in the same directory, then rename), so
