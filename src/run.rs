@@ -19,6 +19,9 @@ const READY_POLL: Duration = Duration::from_millis(100);
 /// Pause between passes over generations that could not be retired yet.
 const RETIRE_RETRY: Duration = Duration::from_secs(30);
 
+/// A batch of shard groups being made ready: resolves with their shards once they run.
+type AddingShards = std::pin::Pin<Box<dyn Future<Output = Result<Vec<u32>, NodeError>> + Send>>;
+
 /// Aborts a background task when dropped (when `run` returns).
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -354,61 +357,64 @@ async fn check_store(config: &Config) -> Result<(), RunError> {
 
 /// Runs the node under `config`, from lease acquisition to the release: until `shutdown`
 /// resolves, the node fails, or a reload is accepted.
+///
+/// The node is launched without shard groups; each owned shard's group starts as soon as the
+/// leases of its partitions are held (DESIGN §7): its stale files moved aside, its partitions
+/// restored and opened, Litestream given them, the group started. Groups whose leases arrive
+/// while another batch is being restored start together in the next batch. So a pod gaining
+/// shards from several pods in a rolling update resumes each one as its old owner releases it,
+/// not all of them after the last release.
 async fn run_config(
     config: &Config,
     pod: &Pod,
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
     reloads: &mut tokio::sync::mpsc::Receiver<Config>,
 ) -> Result<Ended, RunError> {
-    // One writer per partition (DESIGN §7): with a replica, nothing is restored, opened or
-    // uploaded before this process holds the lease of every partition it owns.
+    use futures_util::StreamExt as _;
     let config_topology = config.topology();
-    let owned = config_topology.partitions_of_pod(config.cluster.ordinal);
+    let ordinal = config.cluster.ordinal;
+    let data_dir = config.storage.data_dir.clone();
     let mut keeper = match config.replication.mode {
         ReplicationMode::Off => None,
-        // A stop while waiting drops the leases already taken: nothing was written under them,
-        // and they expire after their TTL.
-        ReplicationMode::Child | ReplicationMode::External => tokio::select! {
-            keeper = acquire_leases(config, &owned, &pod.waits) => Some(keeper?),
-            () = shutdown.as_mut() => {
-                tracing::info!("stopping while waiting for leases");
-                pod.waits.send_replace(Default::default());
-                return Ok(Ended::Stopped);
-            }
-        },
+        ReplicationMode::Child | ReplicationMode::External => Some(lease_keeper(config)?),
     };
-    let data_dir = config.storage.data_dir.clone();
-    let released = match &keeper {
-        Some(keeper) => keeper.released_before().await,
-        None => HashMap::new(),
-    };
-    move_aside_stale_files(&data_dir, &released).map_err(|e| RunError::Node(e.into()))?;
-    // The fence (DESIGN §7): in child mode each partition replicates to its lease epoch's
-    // generation. External mode stays on generation 0 (its sidecar cannot follow a new epoch at
-    // every start; it is single-pod only).
-    let epochs: Epochs = match (&keeper, config.replication.mode) {
-        (Some(keeper), ReplicationMode::Child) => keeper.epochs().await.into_iter().collect(),
-        _ => Epochs::new(),
-    };
-    // Started once the node is ready: every partition has then uploaded its first snapshot into
-    // its new generation.
-    let retire = (!epochs.is_empty()).then(|| (config.clone(), epochs.clone()));
-    pod.epochs.send_replace(epochs.clone());
-    // Aborted when this run ends (a reload starts the next run's own).
-    let mut retirement: Option<AbortOnDrop> = None;
-    let leased = Leased { epochs, released };
-    // A lease lost while the node starts (restores, Litestream's first uploads) fences too. A
-    // start that fails keeps its leases until they expire: its Litestream child may still be
-    // making a last upload, so releasing them now could hand a partition over too early.
-    let mut node = match keeper.as_mut() {
-        None => Node::start(config.clone(), leased).await?,
-        Some(keeper) => tokio::select! {
-            started = Node::start(config.clone(), leased) => started?,
-            lost = keeper.lost() => fence_and_exit(&data_dir, &lost),
-        },
+    // Launching writes no partition file: nothing is restored, opened or uploaded before this
+    // process holds the lease of the partition (DESIGN §7).
+    let mut node = tokio::select! {
+        node = Node::launch(config.clone()) => node?,
+        () = shutdown.as_mut() => return Ok(Ended::Stopped),
     };
     let status = node.status_handle();
     pod.node.send_replace(Some(status.clone()));
+    // One lease acquisition per owned shard, all at once (a partition's TTL runs while it is
+    // watched, and every one must run in parallel).
+    let mut acquiring = futures_util::stream::FuturesUnordered::new();
+    let mut pending: Vec<(u32, Vec<crate::cluster::Acquired>)> = Vec::new();
+    match &keeper {
+        Some(keeper) => {
+            for shard in config_topology.shards_of_pod(ordinal) {
+                let acquirer = keeper.acquirer();
+                let partitions = config_topology.partitions_of_shard(shard);
+                let waits = &pod.waits;
+                acquiring.push(async move {
+                    acquirer
+                        .acquire(&partitions, waits)
+                        .await
+                        .map(|acquired| (shard, acquired))
+                });
+            }
+        }
+        None => pending.extend(
+            config_topology
+                .shards_of_pod(ordinal)
+                .into_iter()
+                .map(|s| (s, Vec::new())),
+        ),
+    }
+    // The batch of groups being made ready (restores, files, Litestream), if any.
+    let mut adding: Option<AddingShards> = None;
+    let mut started: Vec<u32> = Vec::new();
+    let mut epochs = Epochs::new();
     let ready = async {
         loop {
             if status.status(READY_POLL * 50).await.is_ok_and(|s| s.ready) {
@@ -423,13 +429,44 @@ async fn run_config(
                 &serde_json::json!({ "pid": std::process::id(), "http": pod.http.to_string() }),
             )?;
         }
-        Ok::<_, RunError>(retire.map(|(config, epochs)| {
-            AbortOnDrop(tokio::spawn(retire_superseded_generations(config, epochs)))
-        }))
+        Ok::<_, RunError>(())
     };
     tokio::pin!(ready);
     let mut is_ready = false;
+    // Aborted when this run ends (a reload starts the next run's own).
+    let mut retirement: Option<AbortOnDrop> = None;
     let outcome = loop {
+        if adding.is_none() && !pending.is_empty() {
+            let batch = std::mem::take(&mut pending);
+            let shards: Vec<u32> = batch.iter().map(|(s, _)| *s).collect();
+            let acquired: Vec<crate::cluster::Acquired> =
+                batch.into_iter().flat_map(|(_, a)| a).collect();
+            let released: HashMap<PartitionId, ReleasedPosition> = acquired
+                .iter()
+                .filter_map(|a| Some((a.partition, a.released.clone()?)))
+                .collect();
+            if let Err(e) = move_aside_stale_files(&data_dir, &released) {
+                break Err(RunError::Node(e.into()));
+            }
+            // The fence (DESIGN §7): in child mode each partition replicates to its lease
+            // epoch's generation. External mode stays on generation 0 (its sidecar cannot
+            // follow a new epoch at every start; it is single-pod only).
+            let batch_epochs: Epochs = match config.replication.mode {
+                ReplicationMode::Child => acquired.iter().map(|a| (a.partition, a.epoch)).collect(),
+                _ => Epochs::new(),
+            };
+            epochs.extend(batch_epochs.iter().map(|(p, e)| (*p, *e)));
+            pod.epochs.send_replace(epochs.clone());
+            tracing::info!(shards = ?shards, "partitions leased; restoring and starting their shard groups");
+            let adder = node.adder();
+            let leased = Leased {
+                epochs: batch_epochs,
+                released,
+            };
+            adding = Some(Box::pin(async move {
+                adder.add(shards.clone(), leased).await.map(|_| shards)
+            }));
+        }
         let lost = async {
             match keeper.as_mut() {
                 Some(keeper) => keeper.lost().await,
@@ -437,15 +474,33 @@ async fn run_config(
             }
         };
         tokio::select! {
+            Some(acquired) = acquiring.next(), if !acquiring.is_empty() => match acquired {
+                Ok(group) => pending.push(group),
+                Err(e) => break Err(RunError::Lease(e)),
+            },
+            added = async { adding.as_mut().expect("guarded").await }, if adding.is_some() => {
+                adding = None;
+                match added {
+                    Ok(shards) => started.extend(shards),
+                    Err(e) => break Err(RunError::Node(e)),
+                }
+            },
             r = &mut ready, if !is_ready => match r {
-                Ok(task) => {
-                    retirement = task;
+                Ok(()) => {
                     is_ready = true;
+                    // Every partition has uploaded its first snapshot into its new generation
+                    // by now: the older ones can go after the retention period.
+                    if !epochs.is_empty() {
+                        retirement = Some(AbortOnDrop(tokio::spawn(
+                            retire_superseded_generations(config.clone(), epochs.clone()),
+                        )));
+                    }
                 }
                 Err(e) => break Err(e),
             },
             () = shutdown.as_mut() => break Ok(Ended::Stopped),
             e = node.failed() => break Err(RunError::Node(e)),
+            // A lease lost while groups start (restores, Litestream's first uploads) fences too.
             e = lost => fence_and_exit(&data_dir, &e),
             // Reloads wait until the pod is ready: a drain in the middle of a start would hand
             // over partitions that have not uploaded their first snapshot yet.
@@ -466,11 +521,17 @@ async fn run_config(
             }
         }
     };
+    // No lease joins the keeper after this, and no batch is half started: a restore still
+    // running is killed (it writes a temporary file only), and the groups a batch already
+    // handed to the tree stop with it.
+    drop(acquiring);
+    drop(adding);
     let outcome = match outcome {
-        Err(RunError::Node(e)) => Err(RunError::Node(e)),
-        // Stopping on request, for a reload, or after another error (the ready file): stop
-        // gracefully either way, so shards keep their sessions and the replica gets the final
-        // state.
+        // The tree itself failed: there is nothing left to drain.
+        Err(RunError::Node(NodeError::Failed(e))) => Err(RunError::Node(NodeError::Failed(e))),
+        // Stopping on request, for a reload, or after another error (a restore, the ready
+        // file): stop gracefully either way, so shards keep their sessions and the replica gets
+        // the final state.
         other => {
             match &other {
                 Ok(Ended::Reload(_)) => tracing::info!(
@@ -492,14 +553,18 @@ async fn run_config(
             .map_err(RunError::from);
             pod.node.send_replace(None);
             pod.epochs.send_replace(Default::default());
-            crate::node::metrics::record_stopped(
-                &config_topology.shards_of_pod(config.cluster.ordinal),
-            );
+            pod.waits.send_replace(Default::default());
+            crate::node::metrics::record_stopped(&config_topology.shards_of_pod(ordinal));
             match keeper {
                 // Only after a complete stop and final sync: the next owner restores what the
-                // replica has and resumes from it.
+                // replica has and resumes from it. Partitions of groups that never started
+                // release without a position (nothing was written under their epoch).
                 Some(keeper) if stopped.is_ok() => {
-                    let positions = released_positions(&data_dir, &owned, &config_topology);
+                    let written: Vec<PartitionId> = started
+                        .iter()
+                        .flat_map(|&s| config_topology.partitions_of_shard(s))
+                        .collect();
+                    let positions = released_positions(&data_dir, &written, &config_topology);
                     keeper.release(positions).await;
                 }
                 Some(_) => tracing::warn!(
@@ -588,13 +653,8 @@ async fn check_object_store(config: &Config) -> Result<(), crate::cluster::Bucke
     Ok(())
 }
 
-/// Takes the lease of every owned partition, waiting for those another process holds (and
-/// saying which in `waits`).
-async fn acquire_leases(
-    config: &Config,
-    owned: &[PartitionId],
-    waits: &tokio::sync::watch::Sender<std::collections::BTreeMap<PartitionId, LeaseWait>>,
-) -> Result<LeaseKeeper, RunError> {
+/// A lease keeper for this pod's partitions, holding none yet (DESIGN §7).
+fn lease_keeper(config: &Config) -> Result<LeaseKeeper, RunError> {
     let store = crate::cluster::connect(config)?;
     let ttl = Duration::from_secs(config.cluster.lease_ttl_secs);
     let leases = Leases::new(
@@ -604,7 +664,7 @@ async fn acquire_leases(
         ttl,
         config.cluster.partitions,
     );
-    Ok(LeaseKeeper::acquire(Arc::new(leases), owned, ttl, waits).await?)
+    Ok(LeaseKeeper::new(Arc::new(leases), ttl))
 }
 
 /// What each partition file applied, read after the node stopped: the next owner resumes from

@@ -1,7 +1,8 @@
-//! Holds this pod's partition leases for the life of a run (DESIGN §7): acquires all of them
-//! before anything is restored or opened (waiting for those another process holds), renews them
-//! in the background, reports the first one it cannot keep, and releases them on a graceful
-//! stop with the position each partition reached.
+//! Holds this pod's partition leases for the life of a run (DESIGN §7): acquires them a shard
+//! group at a time (waiting for those another process holds), so each group starts as soon as
+//! its own partitions are leased, renews every lease held in the background, reports the first
+//! one it cannot keep, and releases them on a graceful stop with the position each partition
+//! reached.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -47,6 +48,7 @@ pub struct LeaseKeeper {
     held: Arc<Mutex<Vec<HeldLease>>>,
     lost: oneshot::Receiver<LeaseError>,
     renewer: tokio::task::JoinHandle<()>,
+    ttl: Duration,
 }
 
 impl std::fmt::Debug for LeaseKeeper {
@@ -64,58 +66,47 @@ impl Drop for LeaseKeeper {
 }
 
 impl LeaseKeeper {
-    /// Acquires the lease of every partition in `partitions`, waiting (and logging whom it
-    /// waits for) while another process holds one, then starts renewing them. `waits` is kept
-    /// up to date with the leases still waited for (see [`LeaseWaits`]).
+    /// A keeper that holds no lease yet and starts renewing what [`Acquirer::acquire`] adds.
+    pub fn new(leases: Arc<Leases>, ttl: Duration) -> Self {
+        // Renewed from the first one on: a pod may wait long for the others (a rolling update
+        // releases them one pod at a time), and a lease not renewed for TTL × 2/3 must not be
+        // written at all.
+        let held = Arc::new(Mutex::new(Vec::new()));
+        let (lost_tx, lost) = oneshot::channel();
+        let renewer = tokio::spawn(renew_forever(leases.clone(), held.clone(), lost_tx, ttl));
+        LeaseKeeper {
+            leases,
+            held,
+            lost,
+            renewer,
+            ttl,
+        }
+    }
+
+    /// Acquires the lease of every partition in `partitions` ([`Acquirer::acquire`]) in a new
+    /// keeper.
     ///
     /// # Errors
-    /// [`LeaseError::PartitionsChanged`] or [`LeaseError::Malformed`]; a request error when the
-    /// store refused the credentials or has no such bucket, or after 10 failures in a row
-    /// (other failures are retried every second).
+    /// As [`Acquirer::acquire`].
     pub async fn acquire(
         leases: Arc<Leases>,
         partitions: &[PartitionId],
         ttl: Duration,
         waits: &watch::Sender<BTreeMap<PartitionId, LeaseWait>>,
     ) -> Result<Self, LeaseError> {
-        let started = Instant::now();
-        // Renewed from the first one on: a pod may wait long for the others (a rolling update
-        // releases them one pod at a time), and a lease not renewed for TTL × 2/3 must not be
-        // written at all.
-        let held = Arc::new(Mutex::new(Vec::with_capacity(partitions.len())));
-        let (lost_tx, lost) = oneshot::channel();
-        let renewer = tokio::spawn(renew_forever(leases.clone(), held.clone(), lost_tx, ttl));
-        let keeper = LeaseKeeper {
-            leases,
-            held,
-            lost,
-            renewer,
-        };
-        // All at once: an expired lease is taken only after a full TTL of watching it, and
-        // every partition's TTL must run in parallel, not in turns.
-        let (leases, held) = (&keeper.leases, &keeper.held);
-        futures_util::future::join_all(partitions.iter().map(|&p| async move {
-            let lease = acquire_one(leases, p, ttl, waits).await?;
-            held.lock().await.push(lease);
-            Ok::<_, LeaseError>(())
-        }))
-        .await
-        .into_iter()
-        .collect::<Result<Vec<()>, _>>()?;
-        let epochs: Vec<String> = keeper
-            .held
-            .lock()
-            .await
-            .iter()
-            .map(|l| format!("{}@{}", l.partition, l.epoch))
-            .collect();
-        tracing::info!(
-            leases = epochs.len(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            epochs = %epochs.join(" "),
-            "partition leases acquired"
-        );
+        let keeper = Self::new(leases, ttl);
+        keeper.acquirer().acquire(partitions, waits).await?;
         Ok(keeper)
+    }
+
+    /// A handle that acquires more leases into this keeper, usable while the keeper itself is
+    /// borrowed elsewhere (waiting for [`Self::lost`]).
+    pub fn acquirer(&self) -> Acquirer {
+        Acquirer {
+            leases: self.leases.clone(),
+            held: self.held.clone(),
+            ttl: self.ttl,
+        }
     }
 
     /// The epoch of each held lease (the fencing token), by partition.
@@ -195,20 +186,118 @@ impl LeaseKeeper {
     }
 }
 
+/// Acquires leases into a [`LeaseKeeper`] (see [`LeaseKeeper::acquirer`]). Cheap to clone.
+#[derive(Clone)]
+pub struct Acquirer {
+    leases: Arc<Leases>,
+    held: Arc<Mutex<Vec<HeldLease>>>,
+    ttl: Duration,
+}
+
+/// One lease [`Acquirer::acquire`] took.
+#[derive(Clone, Debug)]
+pub struct Acquired {
+    /// The partition.
+    pub partition: PartitionId,
+    /// Its new epoch: the fencing token, and the replica generation it writes.
+    pub epoch: u64,
+    /// The position its previous holder recorded when it released the lease (DESIGN §7
+    /// handoff); `None` when the lease was taken over after a crash or never held before.
+    pub released: Option<ReleasedPosition>,
+}
+
+impl Acquirer {
+    /// Acquires the lease of every partition in `partitions` (one shard group's, or all of a
+    /// pod's), waiting — and logging whom for — while another process holds one; each is renewed
+    /// from the moment it is taken. `waits` is kept up to date with the leases still waited for
+    /// (see [`LeaseWaits`]).
+    ///
+    /// # Errors
+    /// [`LeaseError::PartitionsChanged`] or [`LeaseError::Malformed`]; a request error when the
+    /// store refused the credentials or has no such bucket, or after 10 failures in a row
+    /// (other failures are retried every second). Leases of `partitions` taken before the error
+    /// stay held (and renewed) by the keeper.
+    pub async fn acquire(
+        &self,
+        partitions: &[PartitionId],
+        waits: &watch::Sender<BTreeMap<PartitionId, LeaseWait>>,
+    ) -> Result<Vec<Acquired>, LeaseError> {
+        let started = Instant::now();
+        // All at once: an expired lease is taken only after a full TTL of watching it, and
+        // every partition's TTL must run in parallel, not in turns.
+        let (leases, held, ttl) = (&self.leases, &self.held, self.ttl);
+        let group = GroupPoll::default();
+        let group = &group;
+        let acquired = futures_util::future::join_all(partitions.iter().enumerate().map(
+            |(i, &p)| async move {
+                let lease = acquire_one(leases, p, ttl, waits, group, i == 0).await?;
+                let acquired = Acquired {
+                    partition: lease.partition,
+                    epoch: lease.epoch,
+                    released: lease.previous.as_ref().and_then(|r| r.position.clone()),
+                };
+                held.lock().await.push(lease);
+                Ok::<_, LeaseError>(acquired)
+            },
+        ))
+        .await
+        .into_iter()
+        .collect::<Result<Vec<Acquired>, _>>()?;
+        let epochs: Vec<String> = acquired
+            .iter()
+            .map(|l| format!("{}@{}", l.partition, l.epoch))
+            .collect();
+        tracing::info!(
+            leases = epochs.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            epochs = %epochs.join(" "),
+            "partition leases acquired"
+        );
+        Ok(acquired)
+    }
+}
+
+/// What the partitions of one [`Acquirer::acquire`] call share while they wait: a live holder
+/// hands a shard group over by releasing all its leases within moments of each other, so one
+/// partition seeing its lease released means the others are about to be.
+#[derive(Default)]
+struct GroupPoll {
+    /// Wakes the other partitions' waits at once.
+    released: tokio::sync::Notify,
+    /// Set once one partition of the group was released to us: the others look again every
+    /// [`RELEASE_POLL`] from then on.
+    releasing: std::sync::atomic::AtomicBool,
+}
+
+/// How often a group's first partition looks at a lease held by a live holder, and every
+/// partition of a group once one of them was released: a graceful handoff is noticed within
+/// this (rather than a sixth of a TTL), for one request per second per waiting group.
+const RELEASE_POLL: Duration = Duration::from_secs(1);
+
 async fn acquire_one(
     leases: &Leases,
     partition: PartitionId,
     ttl: Duration,
     waits: &watch::Sender<BTreeMap<PartitionId, LeaseWait>>,
+    group: &GroupPoll,
+    first: bool,
 ) -> Result<HeldLease, LeaseError> {
+    use std::sync::atomic::Ordering;
     let mut waiting_for: Option<(String, u64)> = None;
     let mut failures = 0;
     loop {
+        // Registered before the request, so a release seen by another partition meanwhile
+        // is not missed.
+        let released = group.released.notified();
         match leases.acquire(partition).await {
             Ok(Acquire::Acquired(lease)) => {
                 waits.send_modify(|w| {
                     w.remove(&partition);
                 });
+                if waiting_for.is_some() {
+                    group.releasing.store(true, Ordering::Relaxed);
+                    group.released.notify_waiters();
+                }
                 return Ok(lease);
             }
             Ok(Acquire::Held {
@@ -236,8 +325,16 @@ async fn acquire_one(
                     waiting_for = Some((holder, epoch));
                 }
                 // A release frees it at once; look again every sixth of a TTL, sooner if it
-                // expires before.
-                tokio::time::sleep(expires_in.min(ttl / 6).max(RETRY)).await;
+                // expires before, and every RELEASE_POLL while a live holder may be handing the
+                // group over (see `GroupPoll`).
+                let mut pause = expires_in.min(ttl / 6).max(RETRY);
+                if live && (first || group.releasing.load(Ordering::Relaxed)) {
+                    pause = pause.min(RELEASE_POLL);
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = released => {}
+                }
             }
             Err(e @ (LeaseError::Request { .. } | LeaseError::Timeout { .. })) => {
                 failures += 1;
@@ -358,5 +455,57 @@ mod tests {
             lost = keeper.lost() => panic!("lost {lost}"),
             () = tokio::time::sleep(TTL * 3) => {}
         }
+    }
+
+    /// A live holder hands a shard group over (releases its four leases one after another): the
+    /// waiting pod holds all four within about a second of the last release, not a sixth of a
+    /// TTL later (10 s at the shipped TTL), since its first partition looks every RELEASE_POLL
+    /// and the others look again as soon as one was released.
+    #[tokio::test(start_paused = true)]
+    async fn a_group_released_by_a_live_holder_is_taken_within_the_release_poll() {
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let ours = Arc::new(Leases::new(store.clone(), "t", "ours".into(), TTL, 64));
+        let other = Leases::new(store, "t", "other".into(), TTL, 64);
+        let group: Vec<PartitionId> = (0..4).map(PartitionId).collect();
+        let mut theirs = Vec::new();
+        for &p in &group {
+            let Acquire::Acquired(lease) = other.acquire(p).await.unwrap() else {
+                panic!("the other process takes {p}");
+            };
+            theirs.push(lease);
+        }
+        let (waits_tx, waits) = watch::channel(BTreeMap::new());
+        let keeper = tokio::spawn({
+            let (ours, group) = (ours.clone(), group.clone());
+            async move { LeaseKeeper::acquire(ours, &group, TTL, &waits_tx).await }
+        });
+        // Alive for two TTLs (renewing), so the waiter sees a live holder.
+        let until = Instant::now() + TTL * 2;
+        while Instant::now() < until {
+            let due = theirs.iter().map(HeldLease::renew_at).min().unwrap();
+            tokio::time::sleep_until(due).await;
+            for lease in &mut theirs {
+                other.renew(lease).await.unwrap();
+            }
+        }
+        assert!(
+            waits.borrow().values().all(|w| w.live),
+            "{:?}",
+            waits.borrow()
+        );
+        // Released the way a stop releases them: one after another, moments apart.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        for lease in theirs {
+            other.release(lease, None).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let last_release = Instant::now() - Duration::from_millis(300);
+        let keeper = keeper.await.unwrap().unwrap();
+        let waited = Instant::now() - last_release;
+        assert!(
+            waited <= RELEASE_POLL + Duration::from_millis(100),
+            "all four held {waited:?} after the last release"
+        );
+        assert_eq!(keeper.epochs().await.len(), 4);
     }
 }

@@ -345,8 +345,9 @@ pub async fn stats(
 /// connection phase: `connecting`, `resuming`, `active`, `disconnected`, `fatally_closed`, or
 /// `restarting` while its group restarts), `last_seq`, `identifies`, `resumes`, `restarts`.
 /// Each partition: `state` (`open`, `busy` — a commit is taking long — or `restoring` while its
-/// group restarts; `waiting` for its lease while the pod starts), `applied_seq`, `lag` (the
-/// shard's last sequence minus it) and the lease `epoch` it writes under.
+/// group restarts), `applied_seq`, `lag` (the shard's last sequence minus it) and the lease
+/// `epoch` it writes under. `pending_shards`: owned shards whose group has not started yet, and
+/// `partitions_waiting`: the leases awaited (`holder`, `epoch`, `live`).
 pub async fn ownership(State(api): State<Api>) -> Json<Value> {
     let epochs = api.status.epochs.borrow().clone();
     let waits = api.status.waits.borrow().clone();
@@ -409,6 +410,11 @@ pub async fn ownership(State(api): State<Api>) -> Json<Value> {
     Json(json!({
         "phase": "running",
         "ready": status.ready,
+        "pending_shards": status.pending_shards,
+        "partitions_waiting": waits
+            .iter()
+            .map(|(p, w)| (p.to_string(), json!({ "state": "waiting", "holder": w.holder, "epoch": w.epoch, "live": w.live })))
+            .collect::<BTreeMap<_, _>>(),
         "ordinal": status.ordinal,
         "pods": status.pods,
         "shard_total": status.shard_total,

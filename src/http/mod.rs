@@ -48,17 +48,17 @@ struct AppState {
 
 /// The gateway pod's routes, none of them authenticated (health and metrics never are):
 /// - `GET /healthz`: 200 `ok` while the process answers;
-/// - `GET /readyz`: once the node runs, 200 when every owned partition is open and every owned
-///   shard is receiving dispatches, else 503, with the node's status as JSON either way. Before
-///   that, while the pod waits for partition leases, `{"phase": "waiting_for_leases",
-///   "waiting_for_leases": {"p0003": {holder, epoch, free_within_secs, live}}, "ready": …}`:
-///   200 and ready (for what it holds: nothing yet) when every holder waited for is a live
-///   process — it renewed while watched — so a rolling update goes on and restarts the pod that
-///   will release them (DESIGN §7 "Readiness during a handoff"); 503 while some lease is held
-///   by a process that may have crashed (it runs out within a TTL). Otherwise 503
-///   `{"ready": false, "phase": "starting"}` (restoring, opening). Without the API's bearer
-///   token, session ids and resume URLs are left out (they would let anyone resume the bot's
-///   sessions);
+/// - `GET /readyz`: 200 when every owned partition is open and every owned shard is receiving
+///   dispatches, else 503, with the node's status as JSON either way. While some shards wait for
+///   their partition leases (`pending_shards`; `"phase": "waiting_for_leases"`,
+///   `"waiting_for_leases": {"p0003": {holder, epoch, free_within_secs, live}}`), 200 and ready
+///   for what it holds when every started shard is active and every lease waited for is held by
+///   a live process — it renewed while watched — so a rolling update goes on and restarts the
+///   pod that will release them (DESIGN §7 "Readiness during a handoff"); 503 while a leased
+///   shard's partitions restore, or some lease is held by a process that may have crashed (it
+///   runs out within a TTL). Before the node is launched, 503 `{"ready": false, "phase":
+///   "starting"}`. Without the API's bearer token, session ids and resume URLs are left out
+///   (they would let anyone resume the bot's sessions);
 /// - `GET /metrics`: Prometheus text format (see [`crate::node::metrics`] for the names;
 ///   `shardlite_leases_waiting` counts the leases still waited for);
 /// - `/v1/…`: the guild API ([`api`]), with `Authorization: Bearer $SHARDLITE_API_TOKEN`; 503
@@ -175,15 +175,65 @@ async fn readyz_body(app: &AppState) -> (StatusCode, Json<serde_json::Value>) {
             StatusCode::OK,
             Json(serde_json::to_value(s).unwrap_or_default()),
         ),
-        Ok(s) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::to_value(s).unwrap_or_default()),
-        ),
+        Ok(s) => {
+            let waits = app.status.waits.borrow().clone();
+            let ready = ready_while_waiting(&s, &waits);
+            let mut body = serde_json::to_value(&s).unwrap_or_default();
+            if !waits.is_empty() {
+                body["phase"] = "waiting_for_leases".into();
+                body["waiting_for_leases"] = serde_json::to_value(
+                    waits
+                        .iter()
+                        .map(|(p, w)| (p.to_string(), w))
+                        .collect::<std::collections::BTreeMap<_, _>>(),
+                )
+                .unwrap_or_default();
+            }
+            body["ready"] = ready.into();
+            let code = if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            (code, Json(body))
+        }
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(serde_json::json!({ "ready": false, "error": e.to_string() })),
         ),
     }
+}
+
+/// Ready for what it holds while it waits for the rest (DESIGN §7 "Readiness during a
+/// handoff"): every started group has its shard active and its partitions open, and every
+/// shard not started yet waits for leases only, each held by a live process (one seen renewing
+/// it), which a rolling update restarts next. A shard whose leases are held but whose
+/// partitions are still restoring is not ready, nor one waiting for a holder that may have
+/// crashed.
+fn ready_while_waiting(
+    status: &crate::node::NodeStatus,
+    waits: &std::collections::BTreeMap<crate::ownership::PartitionId, crate::cluster::LeaseWait>,
+) -> bool {
+    let Ok(topology) =
+        crate::ownership::Topology::new(status.shard_total, status.partitions_total, status.pods)
+    else {
+        return false;
+    };
+    let per_shard = (status.partitions_total / status.shard_total.max(1)) as usize;
+    let started_ok = status.groups.len() + status.pending_shards.len() == status.owned_shards.len()
+        && status.groups.iter().all(|g| {
+            g.partitions.len() == per_shard
+                && g.shard_status
+                    .as_ref()
+                    .is_some_and(|s| s.phase == crate::node::shard::ShardPhase::Active)
+        });
+    let pending_wait_on_live_holders = status.pending_shards.iter().all(|&shard| {
+        topology
+            .partitions_of_shard(shard)
+            .iter()
+            .all(|p| waits.get(p).is_some_and(|w| w.live))
+    });
+    !status.pending_shards.is_empty() && started_ok && pending_wait_on_live_holders
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves.

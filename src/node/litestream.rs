@@ -40,6 +40,13 @@ pub enum LitestreamMsg {
     Stop(RpcReplyPort<Result<(), ReplicationError>>),
     /// The current child's pid and restart count.
     Status(RpcReplyPort<LitestreamStatus>),
+    /// Replicate these partitions too (a shard group whose leases arrived after the node
+    /// started, DESIGN §7), each to the generation of its epoch: the rendered file is written
+    /// again with every partition, and the child restarted on it — after a forced sync of what it
+    /// replicated so far, as at a stop — or started, if it had nothing to replicate yet. The
+    /// files must exist (restored or created) before. Replies once the child runs on the new
+    /// file.
+    Add(Epochs, RpcReplyPort<Result<(), ReplicationError>>),
     /// Restore these partitions from their replicas while the node runs (a shard group found
     /// their files missing or corrupt at a restart, DESIGN §3): sync every other partition and
     /// stop the child, so no Litestream holds the old file or its metadata; restore as at start
@@ -64,20 +71,20 @@ pub struct LitestreamStatus {
 pub struct LitestreamArgs {
     /// The Litestream executable.
     pub bin: PathBuf,
-    /// The rendered `litestream.yml`.
+    /// Where the rendered `litestream.yml` is written (rendered again for every [`LitestreamMsg::Add`]).
     pub config_file: PathBuf,
     /// Where the child's pid is recorded.
     pub pid_file: PathBuf,
     /// Litestream's control socket (from the rendered file).
     pub socket: PathBuf,
-    /// The partition files it replicates: each gets a forced sync before the child is stopped.
-    pub dbs: Vec<PathBuf>,
     /// Restart policy.
     pub policy: RestartPolicy,
     /// The node's config: replica settings for a restore while running.
     pub config: Config,
-    /// The lease epoch of each replicated partition: a restore while running reads the newest
-    /// generation up to it.
+    /// The partitions it replicates, each with its lease epoch (the generation it writes; a
+    /// restore while running reads the newest generation up to it). May be empty: the child is
+    /// started with the first [`LitestreamMsg::Add`]. Each gets a forced sync before the child
+    /// is stopped.
     pub epochs: Epochs,
 }
 
@@ -130,7 +137,12 @@ impl Actor for LitestreamActor {
             stopping: false,
             guard: ChildGuard(None),
         };
-        state.spawn(&myself)?;
+        // Litestream 0.5 runs without databases but logs an error for it: the child starts
+        // with its first partitions.
+        if !state.args.epochs.is_empty() {
+            state.write_config()?;
+            state.spawn(&myself)?;
+        }
         Ok(state)
     }
 
@@ -172,6 +184,18 @@ impl Actor for LitestreamActor {
                 state.stopping = true;
                 let result = state.stop().await;
                 // The asker may have timed out; the child is stopped either way.
+                let _ = reply.send(result);
+            }
+            LitestreamMsg::Add(epochs, reply) => {
+                if state.stopping {
+                    let _ = reply.send(Err(ReplicationError::Stopping));
+                    return Ok(());
+                }
+                let result = state.add(epochs).await;
+                // A child that cannot start fails this actor, as at start.
+                if result.is_ok() {
+                    state.spawn(&myself)?;
+                }
                 let _ = reply.send(result);
             }
             LitestreamMsg::Restore(partitions, reply) => {
@@ -265,8 +289,38 @@ impl LitestreamState {
     /// 0.5.17, a SIGTERM shortly after start exits at once, before the first snapshot of a new
     /// database was uploaded.
     async fn stop(&mut self) -> Result<(), ReplicationError> {
-        self.stop_syncing(self.args.dbs.clone(), "before stop")
+        self.stop_syncing(self.dbs(), "before stop").await
+    }
+
+    /// The partition files replicated, as the rendered file names them.
+    fn dbs(&self) -> Vec<PathBuf> {
+        let data_dir = absolute_data_dir(&self.args.config);
+        self.args
+            .epochs
+            .keys()
+            .map(|p| PartitionStore::path_in(&data_dir, *p))
+            .collect()
+    }
+
+    /// Renders `litestream.yml` for every partition of `args.epochs`.
+    fn write_config(&self) -> Result<(), ReplicationError> {
+        let written = crate::replication::write_config(&self.args.config, &self.args.epochs)?;
+        debug_assert_eq!(written, self.args.config_file);
+        Ok(())
+    }
+
+    /// See [`LitestreamMsg::Add`]: stops the running child (if any) after a forced sync and
+    /// renders the file with the new partitions; the caller starts the child again.
+    async fn add(&mut self, epochs: Epochs) -> Result<(), ReplicationError> {
+        if let Err(e) = self
+            .stop_syncing(self.dbs(), "before taking on more partitions")
             .await
+        {
+            // Not fatal: the files are intact locally and the next child uploads them.
+            tracing::warn!(error = %e, "taking on partitions with some not confirmed on the replica");
+        }
+        self.args.epochs.extend(epochs);
+        self.write_config()
     }
 
     /// [`Self::stop`], forcing a sync of `dbs` only.
@@ -324,11 +378,9 @@ impl LitestreamState {
             .map(|p| PartitionStore::path_in(&data_dir, *p))
             .collect();
         let others: Vec<PathBuf> = self
-            .args
-            .dbs
-            .iter()
+            .dbs()
+            .into_iter()
             .filter(|db| !restoring.contains(db))
-            .cloned()
             .collect();
         if let Err(e) = self.stop_syncing(others, "before a restore").await {
             // Not fatal: the other files are intact locally and the next child uploads them.

@@ -138,24 +138,84 @@ pub struct Node {
     join: tokio::task::JoinHandle<()>,
     failure: Arc<Mutex<Option<String>>>,
     shutdown_timeout: Duration,
+    ctx: Arc<NodeContext>,
+}
+
+/// Starts shard groups on a running [`Node`] (see [`Node::adder`]).
+#[derive(Clone)]
+pub struct ShardAdder {
+    ctx: Arc<NodeContext>,
+    actor: ActorRef<NodeMsg>,
+    timeout: Duration,
+}
+
+impl ShardAdder {
+    /// Makes the partitions of `shards` ready and starts their groups (DESIGN §6, §7): restores
+    /// the partitions that need it before any of them is opened ([`replication::prepare`]),
+    /// opens each file once (creating and migrating it, recording its lease epoch, checking it
+    /// against the position its previous holder released), hands them to the Litestream child,
+    /// and starts one group per shard. Returns the restore decisions once every group runs.
+    ///
+    /// `leased` says what this process's leases hold for those partitions (ignored with
+    /// `replication.mode = "off"`): each one's epoch (it replicates to that generation and
+    /// records the epoch in its file; 0 for the prefix without an epoch), and the position the
+    /// previous holder released.
+    ///
+    /// # Errors
+    /// [`NodeError::Replication`] if a restore fails (no partition of `shards` was opened then),
+    /// [`NodeError::Start`] if a file cannot be opened or a group cannot start,
+    /// [`NodeError::Call`] if the tree does not answer.
+    pub async fn add(
+        &self,
+        shards: Vec<u32>,
+        leased: Leased,
+    ) -> Result<Vec<replication::restore::Outcome>, NodeError> {
+        let config = &self.ctx.config;
+        let epochs: Epochs = shards
+            .iter()
+            .flat_map(|&s| self.ctx.topology.partitions_of_shard(s))
+            .map(|p| (p, leased.epochs.get(&p).copied().unwrap_or_default()))
+            .collect();
+        let outcomes = replication::prepare(config, &epochs).await?;
+        if config.replication.mode != ReplicationMode::Off {
+            create_partition_files(config, &epochs, leased.released).await?;
+        }
+        call(
+            &self.actor,
+            |r| NodeMsg::AddShards(shards, epochs, r),
+            self.timeout,
+        )
+        .await??;
+        Ok(outcomes)
+    }
 }
 
 impl Node {
-    /// Fetches `/gateway/bot`, restores the owned partitions that need it (DESIGN §6: before any
-    /// of them is opened), starts Litestream in child mode, and starts the tree for the shards this
-    /// pod owns (`cluster.ordinal` under DESIGN §2's assignment). Returns once every partition file
-    /// is open and every shard is connecting.
+    /// Starts the whole node at once: [`Node::launch`], then [`ShardAdder::add`] for every owned
+    /// shard (`cluster.ordinal` under DESIGN §2's assignment) with `leased`. Returns once every
+    /// partition file is open and every shard is connecting. The demo and single-process runs
+    /// use it; `shardlite run` with leases adds each shard group as its leases arrive instead.
+    ///
+    /// # Errors
+    /// As [`Node::launch`] and [`ShardAdder::add`].
+    pub async fn start(config: Config, leased: Leased) -> Result<Node, NodeError> {
+        let node = Node::launch(config.clone()).await?;
+        let shards = config.topology().shards_of_pod(config.cluster.ordinal);
+        node.adder().add(shards, leased).await?;
+        Ok(node)
+    }
+
+    /// Fetches `/gateway/bot`, stops a previous run's Litestream child still running, and starts
+    /// the tree without shard groups: the root, and in child mode the Litestream actor (which
+    /// starts its process with the first partitions). Nothing is restored or opened yet; shard
+    /// groups join with [`ShardAdder::add`]. In external mode `litestream.yml` is written here,
+    /// once, for every owned partition (its sidecar reads it when it starts).
     ///
     /// # Errors
     /// [`NodeError::MissingToken`], [`NodeError::GatewayBot`]/[`NodeError::GatewayBotStatus`],
-    /// [`NodeError::Replication`] if a restore fails, or [`NodeError::Start`] if a group cannot
-    /// start (e.g. a partition file is not a database).
-    ///
-    /// `leased` says what this process's partition leases hold (ignored with
-    /// `replication.mode = "off"`): each partition's epoch (it replicates to that generation and
-    /// records the epoch in its file; 0 for the prefix without an epoch), and the position the
-    /// previous holder released, which the opened file is checked against.
-    pub async fn start(config: Config, leased: Leased) -> Result<Node, NodeError> {
+    /// [`NodeError::Replication`] if the rendered file cannot be written, or
+    /// [`NodeError::Start`] if the tree cannot start.
+    pub async fn launch(config: Config) -> Result<Node, NodeError> {
         let token = config
             .discord
             .token
@@ -198,36 +258,28 @@ impl Node {
         let owned = topology.partitions_of_pod(config.cluster.ordinal);
         let data_dir = replication::litestream_config::absolute_data_dir(&config);
         let pid_file = data_dir.join("litestream.pid");
-        if config.replication.mode == ReplicationMode::Child {
-            // Before restore touches any file: a previous run's Litestream may still be making
-            // its final sync, and two processes on one replica path corrupt it.
-            replication::process::stop_leftover(&pid_file).await;
-        }
-        let epochs: Epochs = owned
-            .iter()
-            .map(|p| (*p, leased.epochs.get(p).copied().unwrap_or_default()))
-            .collect();
-        let prepared = replication::prepare(&config, &epochs).await?;
-        if prepared.is_some() {
-            create_partition_files(&config, &epochs, leased.released).await?;
-        }
-        let litestream = match prepared {
-            Some(prepared) if config.replication.mode == ReplicationMode::Child => {
+        let litestream = match config.replication.mode {
+            ReplicationMode::Child => {
+                // Before restore touches any file: a previous run's Litestream may still be
+                // making its final sync, and two processes on one replica path corrupt it.
+                replication::process::stop_leftover(&pid_file).await;
                 Some(LitestreamArgs {
                     bin: config.replication.litestream_bin.clone(),
                     pid_file,
                     socket: data_dir.join(replication::litestream_config::SOCKET_NAME),
-                    dbs: owned
-                        .iter()
-                        .map(|p| PartitionStore::path_in(&data_dir, *p))
-                        .collect(),
-                    config_file: prepared.config_file,
+                    config_file: data_dir.join(replication::litestream_config::FILE_NAME),
                     policy: RestartPolicy::from(&config.supervision),
                     config: config.clone(),
-                    epochs,
+                    epochs: Epochs::new(),
                 })
             }
-            _ => None,
+            ReplicationMode::External => {
+                // External mode is single-pod, on generation 0 (see `replication::generations`).
+                let epochs: Epochs = owned.iter().map(|p| (*p, 0)).collect();
+                replication::write_config(&config, &epochs)?;
+                None
+            }
+            ReplicationMode::Off => None,
         };
         // Litestream's final sync on stop comes on top of the tree's own drain.
         let shutdown_timeout = Duration::from_secs(config.supervision.shutdown_timeout_secs)
@@ -251,7 +303,7 @@ impl Node {
             None,
             NodeActor,
             NodeArgs {
-                ctx,
+                ctx: ctx.clone(),
                 failure: failure.clone(),
                 litestream,
             },
@@ -263,7 +315,18 @@ impl Node {
             join,
             failure,
             shutdown_timeout,
+            ctx,
         })
+    }
+
+    /// A handle that starts shard groups on this node; cheap to clone, usable while the node
+    /// itself is borrowed (waiting for [`Node::failed`]).
+    pub fn adder(&self) -> ShardAdder {
+        ShardAdder {
+            ctx: self.ctx.clone(),
+            actor: self.actor.clone(),
+            timeout: self.shutdown_timeout,
+        }
     }
 
     /// The status of every owned shard and partition.

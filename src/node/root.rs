@@ -1,4 +1,5 @@
-//! The root supervisor: the Litestream child (in child mode) and one shard group per owned shard.
+//! The root supervisor: the Litestream child (in child mode) and one shard group per owned shard
+//! whose partitions are ready (leased, restored, created: [`NodeMsg::AddShards`]).
 //!
 //! Groups restart their own children, the Litestream actor its process; one that gives up is
 //! escalated here, and the node stops with that reason, so the process exits non-zero and its
@@ -25,6 +26,15 @@ pub enum NodeMsg {
     Status(RpcReplyPort<NodeStatus>),
     /// Stop every group gracefully, then reply.
     Shutdown(RpcReplyPort<()>),
+    /// Start the groups of these shards: their partition files exist (restored or created) and
+    /// hold their epochs. In child mode Litestream takes them on first (each partition to the
+    /// generation of its epoch in the map), so it replicates them from their first commit.
+    /// Replies once the groups run, or with why they could not start.
+    AddShards(
+        Vec<u32>,
+        crate::replication::Epochs,
+        RpcReplyPort<Result<(), NodeError>>,
+    ),
 }
 
 /// The node's status, as `/readyz` serves it.
@@ -40,6 +50,10 @@ pub struct NodeStatus {
     pub partitions_total: u32,
     /// Shards this pod owns.
     pub owned_shards: Vec<u32>,
+    /// Owned shards whose group has not started yet: their leases are awaited or their
+    /// partitions are being restored.
+    #[serde(default)]
+    pub pending_shards: Vec<u32>,
     /// One entry per owned shard.
     pub groups: Vec<GroupStatus>,
     /// The Litestream child, in `replication.mode = "child"`.
@@ -61,7 +75,7 @@ pub struct NodeArgs {
 /// State of the root.
 pub struct NodeState {
     ctx: Arc<NodeContext>,
-    groups: Vec<ActorRef<ShardGroupMsg>>,
+    groups: Vec<(u32, ActorRef<ShardGroupMsg>)>,
     litestream: Option<ActorRef<LitestreamMsg>>,
     failure: Arc<Mutex<Option<String>>>,
     stopping: bool,
@@ -99,20 +113,8 @@ impl Actor for NodeActor {
             ),
             None => None,
         };
-        let mut groups = Vec::new();
-        for shard_id in topology.shards_of_pod(ordinal) {
-            let group_args = ShardGroupArgs {
-                shard_id,
-                ctx: args.ctx.clone(),
-                litestream: litestream.clone(),
-            };
-            let (group, _) =
-                Actor::spawn_linked(None, ShardGroupActor, group_args, myself.get_cell())
-                    .await
-                    .map_err(|e| format!("shard group {shard_id}: {e}"))?;
-            groups.push(group);
-        }
-        tracing::info!(ordinal, shards = ?topology.shards_of_pod(ordinal), "node started");
+        let groups = Vec::new();
+        tracing::info!(ordinal, shards = ?topology.shards_of_pod(ordinal), "node started; shard groups start as their partitions are ready");
         Ok(NodeState {
             ctx: args.ctx,
             groups,
@@ -138,9 +140,17 @@ impl Actor for NodeActor {
                     let _ = reply.send(status.await);
                 });
             }
+            NodeMsg::AddShards(shards, epochs, reply) => {
+                if state.stopping {
+                    let _ = reply.send(Err(NodeError::Start("the node is stopping".into())));
+                    return Ok(());
+                }
+                let result = state.add_shards(&myself, shards, epochs).await;
+                let _ = reply.send(result);
+            }
             NodeMsg::Shutdown(reply) => {
                 state.stopping = true;
-                join_all(state.groups.iter().map(|g| {
+                join_all(state.groups.iter().map(|(_, g)| {
                     super::call(
                         g,
                         ShardGroupMsg::Shutdown,
@@ -202,11 +212,52 @@ impl Actor for NodeActor {
 }
 
 impl NodeState {
+    /// See [`NodeMsg::AddShards`].
+    async fn add_shards(
+        &mut self,
+        myself: &ActorRef<NodeMsg>,
+        shards: Vec<u32>,
+        epochs: crate::replication::Epochs,
+    ) -> Result<(), NodeError> {
+        if let Some(ls) = &self.litestream {
+            super::call(
+                ls,
+                |r| LitestreamMsg::Add(epochs, r),
+                STOP_BOUND + Duration::from_secs(5),
+            )
+            .await??;
+        }
+        for shard_id in shards {
+            if self.groups.iter().any(|(s, _)| *s == shard_id) {
+                continue;
+            }
+            let group_args = ShardGroupArgs {
+                shard_id,
+                ctx: self.ctx.clone(),
+                litestream: self.litestream.clone(),
+            };
+            let (group, _) =
+                Actor::spawn_linked(None, ShardGroupActor, group_args, myself.get_cell())
+                    .await
+                    .map_err(|e| NodeError::Start(format!("shard group {shard_id}: {e}")))?;
+            self.groups.push((shard_id, group));
+            tracing::info!(shard = shard_id, "shard group started");
+        }
+        Ok(())
+    }
+
     /// A future gathering the node's status from clones of the children's refs.
     fn status(&self) -> impl Future<Output = NodeStatus> + Send + 'static {
         let topology = self.ctx.topology;
         let ordinal = self.ctx.config.cluster.ordinal;
-        let groups = self.groups.clone();
+        let groups: Vec<ActorRef<ShardGroupMsg>> =
+            self.groups.iter().map(|(_, g)| g.clone()).collect();
+        let owned_shards = topology.shards_of_pod(ordinal);
+        let pending_shards: Vec<u32> = owned_shards
+            .iter()
+            .copied()
+            .filter(|s| !self.groups.iter().any(|(g, _)| g == s))
+            .collect();
         let litestream = self.litestream.clone();
         async move {
             let statuses: Vec<GroupStatus> = join_all(
@@ -219,7 +270,8 @@ impl NodeState {
             .filter_map(Result::ok)
             .collect();
             let per_shard = (topology.partitions() / topology.shards()) as usize;
-            let ready = statuses.len() == groups.len()
+            let ready = pending_shards.is_empty()
+                && statuses.len() == groups.len()
                 && statuses.iter().all(|g| {
                     g.partitions.len() == per_shard
                         && g.shard_status
@@ -238,7 +290,8 @@ impl NodeState {
                 pods: topology.pods(),
                 shard_total: topology.shards(),
                 partitions_total: topology.partitions(),
-                owned_shards: topology.shards_of_pod(ordinal),
+                owned_shards,
+                pending_shards,
                 groups: statuses,
                 ready,
             }

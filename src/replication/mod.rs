@@ -139,29 +139,13 @@ pub enum ReplicationError {
     Stopping,
 }
 
-/// What [`prepare`] set up.
-#[derive(Debug)]
-pub struct Prepared {
-    /// The rendered `litestream.yml`.
-    pub config_file: PathBuf,
-    /// Per-partition restore decisions.
-    pub outcomes: Vec<restore::Outcome>,
-}
-
-/// Before any partition opens: renders and writes `data_dir/litestream.yml` for the partitions of
-/// `epochs` (each replicating to its lease epoch's generation), forgets Litestream's local state
-/// of previous generations, and restores what needs restoring. Does nothing when
-/// `replication.mode = "off"`.
+/// Writes `data_dir/litestream.yml` for the partitions of `epochs` (each replicating to its lease
+/// epoch's generation) and returns its path. The Litestream child renders it again whenever it
+/// takes on more partitions; in external mode it is written once, for every owned partition.
 ///
 /// # Errors
-/// [`ReplicationError`] if a file cannot be written or removed, or a restore fails.
-pub async fn prepare(
-    config: &Config,
-    epochs: &Epochs,
-) -> Result<Option<Prepared>, ReplicationError> {
-    if config.replication.mode == ReplicationMode::Off {
-        return Ok(None);
-    }
+/// [`ReplicationError::Io`] naming the directory or file that could not be written.
+pub fn write_config(config: &Config, epochs: &Epochs) -> Result<PathBuf, ReplicationError> {
     let data_dir = litestream_config::absolute_data_dir(config);
     std::fs::create_dir_all(&data_dir).map_err(|source| ReplicationError::Io {
         path: data_dir.clone(),
@@ -174,16 +158,29 @@ pub async fn prepare(
             source,
         },
     )?;
+    Ok(config_file)
+}
+
+/// Before the partitions of `epochs` open: forgets Litestream's local state of previous
+/// generations and restores what needs restoring ([`restore::restore_before_open`]). Returns the
+/// per-partition decisions; empty when `replication.mode = "off"`.
+///
+/// # Errors
+/// [`ReplicationError`] if a file cannot be removed or a restore fails.
+pub async fn prepare(
+    config: &Config,
+    epochs: &Epochs,
+) -> Result<Vec<restore::Outcome>, ReplicationError> {
+    if config.replication.mode == ReplicationMode::Off {
+        return Ok(Vec::new());
+    }
+    let data_dir = litestream_config::absolute_data_dir(config);
     for (&partition, &epoch) in epochs {
         if epoch > 0 {
             generations::forget_local_state(&data_dir, partition)?;
         }
     }
-    let outcomes = restore::restore_before_open(config, epochs).await?;
-    Ok(Some(Prepared {
-        config_file,
-        outcomes,
-    }))
+    restore::restore_before_open(config, epochs).await
 }
 
 #[cfg(test)]

@@ -425,16 +425,19 @@ async fn scaling_one_to_two_pods_and_back_moves_a_shard_with_its_data_and_its_se
 /// The lease epochs a run logged when it took its leases (`epochs=p0000@3 p0001@3 …`), by
 /// partition number.
 fn logged_epochs(stderr: &str) -> HashMap<u32, u64> {
-    let line = stderr
+    // One line per shard group; a later run's line for a partition replaces an earlier one's.
+    let epochs: HashMap<u32, u64> = stderr
         .lines()
-        .rfind(|l| l.contains("partition leases acquired"))
-        .expect("the run logged its leases");
-    line.split_whitespace()
-        .filter_map(|word| {
-            let (p, e) = word.trim_start_matches("epochs=").split_once('@')?;
-            Some((p.strip_prefix('p')?.parse().ok()?, e.parse().ok()?))
+        .filter(|l| l.contains("partition leases acquired"))
+        .flat_map(|line| {
+            line.split_whitespace().filter_map(|word| {
+                let (p, e) = word.trim_start_matches("epochs=").split_once('@')?;
+                Some((p.strip_prefix('p')?.parse().ok()?, e.parse().ok()?))
+            })
         })
-        .collect()
+        .collect();
+    assert!(!epochs.is_empty(), "the run logged its leases");
+    epochs
 }
 
 /// Sends `signal` (`STOP`, `CONT`) to process `pid`.
