@@ -19,6 +19,28 @@ const READY_POLL: Duration = Duration::from_millis(100);
 /// Pause between passes over generations that could not be retired yet.
 const RETIRE_RETRY: Duration = Duration::from_secs(30);
 
+/// The lease acquisition of one shard group: resolves with the shard and its leases.
+type AcquiringGroup<'a> = std::pin::Pin<
+    Box<dyn Future<Output = Result<(u32, Vec<crate::cluster::Acquired>), LeaseError>> + Send + 'a>,
+>;
+
+/// Acquires the leases of `shard`'s partitions into `keeper` (see [`crate::cluster::Acquirer`]).
+fn acquire_group<'a>(
+    keeper: &LeaseKeeper,
+    topology: &Topology,
+    shard: u32,
+    waits: &'a tokio::sync::watch::Sender<std::collections::BTreeMap<PartitionId, LeaseWait>>,
+) -> AcquiringGroup<'a> {
+    let acquirer = keeper.acquirer();
+    let partitions = topology.partitions_of_shard(shard);
+    Box::pin(async move {
+        acquirer
+            .acquire(&partitions, waits)
+            .await
+            .map(|acquired| (shard, acquired))
+    })
+}
+
 /// A batch of shard groups being made ready: resolves with their shards once they run.
 type AddingShards = std::pin::Pin<Box<dyn Future<Output = Result<Vec<u32>, NodeError>> + Send>>;
 
@@ -393,15 +415,7 @@ async fn run_config(
     match &keeper {
         Some(keeper) => {
             for shard in config_topology.shards_of_pod(ordinal) {
-                let acquirer = keeper.acquirer();
-                let partitions = config_topology.partitions_of_shard(shard);
-                let waits = &pod.waits;
-                acquiring.push(async move {
-                    acquirer
-                        .acquire(&partitions, waits)
-                        .await
-                        .map(|acquired| (shard, acquired))
-                });
+                acquiring.push(acquire_group(keeper, &config_topology, shard, &pod.waits));
             }
         }
         None => pending.extend(
@@ -414,6 +428,9 @@ async fn run_config(
     // The batch of groups being made ready (restores, files, Litestream), if any.
     let mut adding: Option<AddingShards> = None;
     let mut started: Vec<u32> = Vec::new();
+    // The shards of the batch in `adding`, and acquisitions that lost a lease meanwhile.
+    let mut adding_shards: Vec<u32> = Vec::new();
+    let mut tainted: std::collections::HashSet<u32> = std::collections::HashSet::new();
     let mut epochs = Epochs::new();
     let ready = async {
         loop {
@@ -458,6 +475,7 @@ async fn run_config(
             epochs.extend(batch_epochs.iter().map(|(p, e)| (*p, *e)));
             pod.epochs.send_replace(epochs.clone());
             tracing::info!(shards = ?shards, "partitions leased; restoring and starting their shard groups");
+            adding_shards.clone_from(&shards);
             let adder = node.adder();
             let leased = Leased {
                 epochs: batch_epochs,
@@ -467,19 +485,24 @@ async fn run_config(
                 adder.add(shards.clone(), leased).await.map(|_| shards)
             }));
         }
-        let lost = async {
-            match keeper.as_mut() {
-                Some(keeper) => keeper.lost().await,
-                None => std::future::pending().await,
-            }
-        };
+        let mut lost_lease = None;
         tokio::select! {
             Some(acquired) = acquiring.next(), if !acquiring.is_empty() => match acquired {
+                Ok((shard, _)) if tainted.remove(&shard) => {
+                    // A lease of it was lost while the others were awaited: start over.
+                    if let Some(keeper) = keeper.as_mut() {
+                        keeper
+                            .release_fenced(None, &config_topology.partitions_of_shard(shard))
+                            .await;
+                        acquiring.push(acquire_group(keeper, &config_topology, shard, &pod.waits));
+                    }
+                }
                 Ok(group) => pending.push(group),
                 Err(e) => break Err(RunError::Lease(e)),
             },
             added = async { adding.as_mut().expect("guarded").await }, if adding.is_some() => {
                 adding = None;
+                adding_shards.clear();
                 match added {
                     Ok(shards) => started.extend(shards),
                     Err(e) => break Err(RunError::Node(e)),
@@ -500,8 +523,12 @@ async fn run_config(
             },
             () = shutdown.as_mut() => break Ok(Ended::Stopped),
             e = node.failed() => break Err(RunError::Node(e)),
-            // A lease lost while groups start (restores, Litestream's first uploads) fences too.
-            e = lost => fence_and_exit(&data_dir, &e),
+            lost = async {
+                match keeper.as_mut() {
+                    Some(keeper) => keeper.lost().await,
+                    None => std::future::pending().await,
+                }
+            } => lost_lease = Some(lost),
             // Reloads wait until the pod is ready: a drain in the middle of a start would hand
             // over partitions that have not uploaded their first snapshot yet.
             Some(new) = reloads.recv(), if is_ready => {
@@ -519,6 +546,39 @@ async fn run_config(
                         "SIGHUP: new config refused; the running config stays"),
                 }
             }
+        }
+        if let (Some(lost), Some(keeper)) = (lost_lease, keeper.as_mut()) {
+            let shard = config_topology.shard_of_partition(lost.partition);
+            let group = config_topology.partitions_of_shard(shard);
+            ::metrics::counter!("shardlite_lease_losses_total", "shard" => shard.to_string())
+                .increment(1);
+            tracing::error!(shard, partition = %lost.partition, error = %crate::error_chain(&lost.error),
+                "partition lease lost: fencing its shard group (no more writes, no drain), then waiting for the lease again");
+            if started.contains(&shard) {
+                if let Err(e) = node.adder().fence(vec![shard]).await {
+                    tracing::error!(shard, error = %crate::error_chain(&e), "the fence was not confirmed");
+                    fence_and_exit(&data_dir, &lost.error);
+                }
+                started.retain(|s| *s != shard);
+                for p in &group {
+                    epochs.remove(p);
+                }
+                pod.epochs.send_replace(epochs.clone());
+            } else if adding_shards.contains(&shard) {
+                // Its partitions are being restored or handed to Litestream: the only way to
+                // be sure nothing of them writes is to stop the process.
+                fence_and_exit(&data_dir, &lost.error);
+            } else if let Some(i) = pending.iter().position(|(s, _)| *s == shard) {
+                pending.remove(i);
+            } else {
+                // Its leases are still being acquired: the ones held so far go back when the
+                // acquisition completes, and it starts over.
+                tainted.insert(shard);
+                keeper.release_fenced(Some(lost), &[]).await;
+                continue;
+            }
+            keeper.release_fenced(Some(lost), &group).await;
+            acquiring.push(acquire_group(keeper, &config_topology, shard, &pod.waits));
         }
     };
     // No lease joins the keeper after this, and no batch is half started: a restore still
@@ -547,7 +607,7 @@ async fn run_config(
                 // The final sync uploads: a lease lost meanwhile fences it like any other write.
                 Some(keeper) => tokio::select! {
                     stopped = node.shutdown() => stopped,
-                    lost = keeper.lost() => fence_and_exit(&data_dir, &lost),
+                    lost = keeper.lost() => fence_and_exit(&data_dir, &lost.error),
                 },
             }
             .map_err(RunError::from);

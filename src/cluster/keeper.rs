@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
-use tokio::sync::{Mutex, oneshot, watch};
+use tokio::sync::{Mutex, mpsc, watch};
 use tokio::time::Instant;
 
 use super::lease::{Acquire, HeldLease, LeaseError, Leases, ReleasedPosition};
@@ -46,7 +46,9 @@ pub type LeaseWaits = watch::Receiver<BTreeMap<PartitionId, LeaseWait>>;
 pub struct LeaseKeeper {
     leases: Arc<Leases>,
     held: Arc<Mutex<Vec<HeldLease>>>,
-    lost: oneshot::Receiver<LeaseError>,
+    lost: mpsc::UnboundedReceiver<LostLease>,
+    /// Losses of other groups received while [`Self::release_fenced`] collected a group's.
+    buffered: std::collections::VecDeque<LostLease>,
     renewer: tokio::task::JoinHandle<()>,
     ttl: Duration,
 }
@@ -72,12 +74,13 @@ impl LeaseKeeper {
         // releases them one pod at a time), and a lease not renewed for TTL × 2/3 must not be
         // written at all.
         let held = Arc::new(Mutex::new(Vec::new()));
-        let (lost_tx, lost) = oneshot::channel();
+        let (lost_tx, lost) = mpsc::unbounded_channel();
         let renewer = tokio::spawn(renew_forever(leases.clone(), held.clone(), lost_tx, ttl));
         LeaseKeeper {
             leases,
             held,
             lost,
+            buffered: std::collections::VecDeque::new(),
             renewer,
             ttl,
         }
@@ -134,14 +137,53 @@ impl LeaseKeeper {
             .collect()
     }
 
-    /// Resolves once a lease was taken by another process or could not be renewed before its
-    /// write deadline: from then on this process must not write that partition or its replica.
-    /// Pending forever while every lease is kept.
-    pub async fn lost(&mut self) -> LeaseError {
-        match (&mut self.lost).await {
-            Ok(e) => e,
-            // The renewer ended without a loss: only a release does that.
-            Err(_) => std::future::pending().await,
+    /// Resolves with the next lease taken by another process or not renewed before its write
+    /// deadline: from then on this process must not write that partition or its replica. The
+    /// keeper goes on renewing the others. Pending forever while every lease is kept.
+    pub async fn lost(&mut self) -> LostLease {
+        if let Some(lost) = self.buffered.pop_front() {
+            return lost;
+        }
+        match self.lost.recv().await {
+            Some(lost) => lost,
+            // The renewer ended: only a release does that.
+            None => std::future::pending().await,
+        }
+    }
+
+    /// After a loss, once the partitions of its shard group `group` are fenced (nothing writes
+    /// them or their replica any more): releases the group's leases still held, and every lost
+    /// one that expired under us without being taken (the store still names this process),
+    /// without a position, so whoever takes them next — this process again, or another — need
+    /// not wait for them to expire. Other losses of the same group reported meanwhile are
+    /// consumed here (a pod that wakes from a pause loses them all in one renewal pass).
+    /// Failures are logged: an unreleased lease expires after its TTL.
+    pub async fn release_fenced(&mut self, lost: Option<LostLease>, group: &[PartitionId]) {
+        let mut leases: Vec<HeldLease> = lost.and_then(|l| l.expired).into_iter().collect();
+        {
+            let mut held = self.held.lock().await;
+            let (fenced, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut *held)
+                .into_iter()
+                .partition(|l| group.contains(&l.partition));
+            *held = kept;
+            leases.extend(fenced);
+            // The renewer sends every loss of a pass while it holds this lock: all of this
+            // group's are queued by now.
+            while let Ok(other) = self.lost.try_recv() {
+                if group.contains(&other.partition) {
+                    leases.extend(other.expired);
+                } else {
+                    self.buffered.push_back(other);
+                }
+            }
+        }
+        for lease in leases {
+            let partition = lease.partition;
+            match self.leases.release(lease, None).await {
+                Ok(()) => {}
+                Err(e) => tracing::warn!(partition = %partition, error = %crate::error_chain(&e),
+                    "fenced lease not released; it expires after its TTL"),
+            }
         }
     }
 
@@ -350,12 +392,26 @@ async fn acquire_one(
     }
 }
 
-/// Renews every lease when due; sends the first loss and ends. Leases join `held` while the
-/// keeper acquires them; while it holds none, it looks again every sixth of a TTL.
+/// A lease this process lost ([`LeaseKeeper::lost`]).
+#[derive(Debug)]
+pub struct LostLease {
+    /// The partition.
+    pub partition: PartitionId,
+    /// How: [`LeaseError::Lost`] (another process took it) or [`LeaseError::Expired`] (no
+    /// renewal confirmed before the write deadline).
+    pub error: LeaseError,
+    /// The lease itself when it expired without a renewal being refused: the store may still
+    /// name this process, and [`LeaseKeeper::release_fenced`] then frees it.
+    expired: Option<HeldLease>,
+}
+
+/// Renews every lease when due, sending each one lost (and dropping it from `held`). Leases
+/// join `held` while the keeper acquires them; while it holds none, it looks again every sixth
+/// of a TTL.
 async fn renew_forever(
     leases: Arc<Leases>,
     held: Arc<Mutex<Vec<HeldLease>>>,
-    lost: oneshot::Sender<LeaseError>,
+    lost: mpsc::UnboundedSender<LostLease>,
     ttl: Duration,
 ) {
     loop {
@@ -368,12 +424,23 @@ async fn renew_forever(
         let mut guard = held.lock().await;
         let now = Instant::now();
         let due: Vec<&mut HeldLease> = guard.iter_mut().filter(|l| l.renew_at() <= now).collect();
-        let results =
-            futures_util::future::join_all(due.into_iter().map(|l| renew_one(&leases, l))).await;
-        if let Some(loss) = results.into_iter().flatten().next() {
+        let results = futures_util::future::join_all(due.into_iter().map(async |l| {
+            let partition = l.partition;
+            renew_one(&leases, l).await.map(|e| (partition, e))
+        }))
+        .await;
+        for (partition, error) in results.into_iter().flatten() {
+            let Some(i) = guard.iter().position(|l| l.partition == partition) else {
+                continue;
+            };
+            let lease = guard.swap_remove(i);
+            let expired = matches!(error, LeaseError::Expired { .. }).then_some(lease);
             // The receiver is gone only if the run already ended.
-            let _ = lost.send(loss);
-            return;
+            let _ = lost.send(LostLease {
+                partition,
+                error,
+                expired,
+            });
         }
         let failed_due = guard.iter().any(|l| l.renew_at() <= Instant::now());
         drop(guard);
@@ -452,7 +519,7 @@ mod tests {
         assert_eq!(epochs[&busy], 2);
         // And both are renewed from here on: no loss within a few TTLs.
         tokio::select! {
-            lost = keeper.lost() => panic!("lost {lost}"),
+            lost = keeper.lost() => panic!("lost {}", lost.error),
             () = tokio::time::sleep(TTL * 3) => {}
         }
     }

@@ -4,7 +4,7 @@
 //!
 //! | file | owns |
 //! |---|---|
-//! | [`keeper`] | the leases of one run: acquire a shard group's at a time, renew in the background, report a loss, release with positions |
+//! | [`keeper`] | the leases of one run: acquire a shard group's at a time, renew in the background, report each loss, release with positions |
 //! | [`lease`] | the lease record, its object key, and acquire / renew / release with `If-None-Match` / `If-Match` |
 //! | [`bucket`] | the S3 client built from `replication.*`, and the conditional-write capability check |
 //! | [`local`] | local guards: an exclusive lock on `storage.data_dir`, the partition count recorded with the data |
@@ -17,7 +17,7 @@ pub mod lease;
 pub mod local;
 
 pub use bucket::{BucketError, connect, verify_conditional_writes};
-pub use keeper::{Acquired, Acquirer, LeaseKeeper, LeaseWait, LeaseWaits};
+pub use keeper::{Acquired, Acquirer, LeaseKeeper, LeaseWait, LeaseWaits, LostLease};
 pub use lease::{
     Acquire, HeldLease, LeaseError, LeaseRecord, Leases, ReleasedPosition, holder_name,
 };

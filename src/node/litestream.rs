@@ -28,6 +28,8 @@ use crate::supervision::{Decision, RestartPolicy, RestartTracker};
 /// How long a stopped child may take beyond Litestream's own shutdown-sync-timeout before it is
 /// killed.
 const STOP_SLACK: Duration = Duration::from_secs(5);
+/// Bound on one `litestream unregister` of a fenced partition (its own `-timeout` is 2 s).
+const UNREGISTER_BOUND: Duration = Duration::from_secs(3);
 
 /// Messages of [`LitestreamActor`].
 pub enum LitestreamMsg {
@@ -47,6 +49,13 @@ pub enum LitestreamMsg {
     /// files must exist (restored or created) before. Replies once the child runs on the new
     /// file.
     Add(Epochs, RpcReplyPort<Result<(), ReplicationError>>),
+    /// Stop replicating these partitions at once, without a final sync (their leases were
+    /// lost, DESIGN §7): each is unregistered over the control socket (`litestream
+    /// unregister`), and the rendered file written again without them. If the socket does not
+    /// confirm every one in time, the child is killed (SIGKILL, no upload) and started again on
+    /// the new file: it resumes the others from its local state. Replies once nothing uploads
+    /// them any more.
+    Remove(Vec<PartitionId>, RpcReplyPort<Result<(), ReplicationError>>),
     /// Restore these partitions from their replicas while the node runs (a shard group found
     /// their files missing or corrupt at a restart, DESIGN §3): sync every other partition and
     /// stop the child, so no Litestream holds the old file or its metadata; restore as at start
@@ -198,6 +207,10 @@ impl Actor for LitestreamActor {
                 }
                 let _ = reply.send(result);
             }
+            LitestreamMsg::Remove(partitions, reply) => {
+                let result = state.remove(&myself, &partitions).await;
+                let _ = reply.send(result);
+            }
             LitestreamMsg::Restore(partitions, reply) => {
                 if state.stopping {
                     // The node is shutting down: no file changes and no new child now.
@@ -307,6 +320,69 @@ impl LitestreamState {
         let written = crate::replication::write_config(&self.args.config, &self.args.epochs)?;
         debug_assert_eq!(written, self.args.config_file);
         Ok(())
+    }
+
+    /// See [`LitestreamMsg::Remove`].
+    async fn remove(
+        &mut self,
+        myself: &ActorRef<LitestreamMsg>,
+        partitions: &[PartitionId],
+    ) -> Result<(), ReplicationError> {
+        let data_dir = absolute_data_dir(&self.args.config);
+        for p in partitions {
+            self.args.epochs.remove(p);
+        }
+        self.write_config()?;
+        let Some(pid) = self.pid else {
+            return Ok(()); // no child runs: the next one starts from the new file
+        };
+        if self.args.epochs.is_empty() {
+            // Nothing left to replicate: the child goes, without an upload.
+            self.kill_child(pid).await;
+            return Ok(());
+        }
+        let unregistered = futures_util::future::join_all(partitions.iter().map(|p| {
+            let db = PartitionStore::path_in(&data_dir, *p);
+            let mut cmd = litestream_command(&self.args.bin);
+            cmd.args(["unregister", "-timeout", "2", "-socket"])
+                .arg(&self.args.socket)
+                .arg(db)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true);
+            async move {
+                tokio::time::timeout(UNREGISTER_BOUND, cmd.status())
+                    .await
+                    .is_ok_and(|s| s.is_ok_and(|s| s.success()))
+            }
+        }))
+        .await;
+        if unregistered.iter().all(|ok| *ok) {
+            tracing::info!(partitions = ?partitions, "litestream stopped replicating fenced partitions");
+            return Ok(());
+        }
+        tracing::warn!(pid, partitions = ?partitions,
+            "litestream did not confirm unregistering fenced partitions; killing it and starting it again without them");
+        self.kill_child(pid).await;
+        self.spawn(myself)?;
+        Ok(())
+    }
+
+    /// SIGKILLs the child (no final upload) and waits for it to be gone; its exit is not a
+    /// failure.
+    async fn kill_child(&mut self, pid: u32) {
+        self.pid = None;
+        self.guard.0 = None;
+        // The `Exited` of this generation must not count as a failure.
+        self.generation += 1;
+        signal(pid, Signal::SIGKILL);
+        if tokio::time::timeout(STOP_SLACK, self.exited.wait_for(|e| *e))
+            .await
+            .is_err()
+        {
+            tracing::error!(pid, "litestream still running after SIGKILL");
+        }
+        let _ = std::fs::remove_file(&self.args.pid_file);
     }
 
     /// See [`LitestreamMsg::Add`]: stops the running child (if any) after a forced sync and

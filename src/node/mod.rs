@@ -188,6 +188,22 @@ impl ShardAdder {
         .await??;
         Ok(outcomes)
     }
+
+    /// Stops the groups of `shards` from writing at once (their lease was lost, DESIGN §7): no
+    /// close frame, no drain, no final sync; Litestream stops replicating their partitions.
+    /// Returns once nothing writes them; they can be added again with [`Self::add`].
+    ///
+    /// # Errors
+    /// [`NodeError::Call`] if the tree does not answer; [`NodeError::Replication`] if the
+    /// Litestream child could not be started again without them.
+    pub async fn fence(&self, shards: Vec<u32>) -> Result<(), NodeError> {
+        call(
+            &self.actor,
+            |r| NodeMsg::FenceShards(shards, r),
+            self.timeout,
+        )
+        .await?
+    }
 }
 
 impl Node {

@@ -35,6 +35,11 @@ pub enum NodeMsg {
         crate::replication::Epochs,
         RpcReplyPort<Result<(), NodeError>>,
     ),
+    /// Stop the groups of these shards from writing at once, without a drain (a partition
+    /// lease of theirs was lost, DESIGN §7): each group kills its children
+    /// ([`ShardGroupMsg::Fence`]) and is removed, and Litestream stops replicating their
+    /// partitions. Replies once nothing writes them; the shards are then pending again.
+    FenceShards(Vec<u32>, RpcReplyPort<Result<(), NodeError>>),
 }
 
 /// The node's status, as `/readyz` serves it.
@@ -79,6 +84,8 @@ pub struct NodeState {
     litestream: Option<ActorRef<LitestreamMsg>>,
     failure: Arc<Mutex<Option<String>>>,
     stopping: bool,
+    /// Groups removed on purpose (fenced): their termination is not a failure.
+    removed: Vec<ractor::ActorId>,
 }
 
 /// The root supervisor; see the module docs.
@@ -121,6 +128,7 @@ impl Actor for NodeActor {
             litestream,
             failure: args.failure,
             stopping: false,
+            removed: Vec::new(),
         })
     }
 
@@ -146,6 +154,10 @@ impl Actor for NodeActor {
                     return Ok(());
                 }
                 let result = state.add_shards(&myself, shards, epochs).await;
+                let _ = reply.send(result);
+            }
+            NodeMsg::FenceShards(shards, reply) => {
+                let result = state.fence_shards(shards).await;
                 let _ = reply.send(result);
             }
             NodeMsg::Shutdown(reply) => {
@@ -189,6 +201,14 @@ impl Actor for NodeActor {
         evt: SupervisionEvent,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        let cell = match &evt {
+            SupervisionEvent::ActorFailed(cell, _)
+            | SupervisionEvent::ActorTerminated(cell, ..) => Some(cell.get_id()),
+            _ => None,
+        };
+        if cell.is_some_and(|id| state.removed.contains(&id)) {
+            return Ok(()); // a fenced group, stopped on purpose
+        }
         let reason = match evt {
             SupervisionEvent::ActorFailed(_, err) => crate::error_chain(err.as_ref()),
             SupervisionEvent::ActorTerminated(cell, _, reason) => {
@@ -242,6 +262,41 @@ impl NodeState {
                     .map_err(|e| NodeError::Start(format!("shard group {shard_id}: {e}")))?;
             self.groups.push((shard_id, group));
             tracing::info!(shard = shard_id, "shard group started");
+        }
+        Ok(())
+    }
+
+    /// See [`NodeMsg::FenceShards`].
+    async fn fence_shards(&mut self, shards: Vec<u32>) -> Result<(), NodeError> {
+        let (fenced, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.groups)
+            .into_iter()
+            .partition(|(s, _)| shards.contains(s));
+        self.groups = kept;
+        join_all(
+            fenced
+                .iter()
+                .map(|(_, g)| super::call(g, ShardGroupMsg::Fence, STATUS_TIMEOUT)),
+        )
+        .await
+        .into_iter()
+        .filter_map(Result::err)
+        .for_each(|e| tracing::warn!(error = %e, "a fenced shard group did not confirm"));
+        for (_, group) in &fenced {
+            self.removed.push(group.get_id());
+            // Whatever it still runs dies with it (a kill skips its drain).
+            group.kill();
+        }
+        if let Some(ls) = &self.litestream {
+            let partitions: Vec<_> = shards
+                .iter()
+                .flat_map(|&s| self.ctx.topology.partitions_of_shard(s))
+                .collect();
+            super::call(
+                ls,
+                |r| LitestreamMsg::Remove(partitions, r),
+                STATUS_TIMEOUT * 2,
+            )
+            .await??;
         }
         Ok(())
     }

@@ -42,6 +42,12 @@ pub enum ShardGroupMsg {
     Status(RpcReplyPort<GroupStatus>),
     /// Graceful stop: close the shard with the resume code, drain the partitions, stop them.
     Shutdown(RpcReplyPort<()>),
+    /// Stop writing at once (a partition lease was lost, DESIGN §7): every child is killed —
+    /// no close frame, so the Discord session stays resumable for the next owner; no drain, so
+    /// nothing buffered is committed — and the group restarts nothing. Replies once the children
+    /// are gone (a batch already on a blocking thread may still finish committing locally; the
+    /// replica no longer takes it).
+    Fence(RpcReplyPort<()>),
 }
 
 /// What a group reports: its shard, its partitions, and why it is not running if it is not.
@@ -158,6 +164,11 @@ impl Actor for ShardGroupActor {
                     // A timed-out asker is not our failure.
                     let _ = reply.send(status.await);
                 });
+            }
+            ShardGroupMsg::Fence(reply) => {
+                state.stopping = true;
+                state.kill_children().await;
+                let _ = reply.send(());
             }
             ShardGroupMsg::Shutdown(reply) => {
                 state.stopping = true;
@@ -401,6 +412,31 @@ impl ShardGroupState {
         }
         let partitions = std::mem::take(&mut self.partitions);
         join_all(partitions.iter().map(|p| stop(p.get_cell()))).await;
+    }
+
+    /// Kills the shard and every partition at once (see [`ShardGroupMsg::Fence`]).
+    async fn kill_children(&mut self) {
+        let mut cells: Vec<ActorCell> = self
+            .shard
+            .take()
+            .map(|s| s.get_cell())
+            .into_iter()
+            .collect();
+        cells.extend(
+            std::mem::take(&mut self.partitions)
+                .iter()
+                .map(|p| p.get_cell()),
+        );
+        join_all(cells.into_iter().map(|cell| async move {
+            if cell.kill_and_wait(Some(STOP_TIMEOUT)).await.is_err() {
+                tracing::warn!(actor = ?cell.get_id(), "a fenced group's child did not confirm its kill");
+            }
+        }))
+        .await;
+        tracing::warn!(
+            shard = self.shard_id,
+            "shard group fenced: its children were killed"
+        );
     }
 
     async fn shutdown(&mut self) {

@@ -535,18 +535,45 @@ async fn a_paused_old_owner_cannot_roll_back_the_new_owners_replica() {
         },
     )
     .await;
-    // The old owner wakes, finds its leases gone, and stops writing at once.
+    // The old owner wakes, finds its leases gone, and stops writing at once: both shard groups
+    // fenced (killed, no drain), its Litestream gone with nothing left to replicate. It stays up,
+    // waiting for the leases the new owner holds.
     signal(old.pid(), "CONT");
-    let old_log = old.dir.join("stderr.log");
-    let status = old.wait_exit(Duration::from_secs(60)).await;
-    let old_stderr = std::fs::read_to_string(old_log).unwrap();
-    assert_eq!(
-        status.code(),
-        Some(1),
-        "the old owner is fenced:\n{old_stderr}"
+    let old_stderr = wait_for(
+        "the old owner to fence both shard groups",
+        Duration::from_secs(60),
+        async || {
+            let text = old.stderr_text();
+            (text
+                .matches("partition lease lost: fencing its shard group")
+                .count()
+                == 2)
+                .then_some(text)
+        },
+    )
+    .await;
+    assert!(
+        old_stderr.contains("shard=0") && old_stderr.contains("shard=1"),
+        "{old_stderr}"
     );
-    assert!(old_stderr.contains("partition lease lost"), "{old_stderr}");
-    assert!(process_exited(litestream), "its litestream is gone");
+    wait_for(
+        "the old owner's litestream to be gone",
+        Duration::from_secs(30),
+        async || process_exited(litestream).then_some(()),
+    )
+    .await;
+    let (_, status) = old
+        .readyz()
+        .await
+        .expect("the fenced old owner answers /readyz");
+    assert_eq!(status.pending_shards, [0, 1], "{status:?}");
+    assert!(
+        old.metrics()
+            .await
+            .contains("shardlite_lease_losses_total{shard=\"0\"}"),
+        "the loss is counted"
+    );
+    assert!(old.stop().await.success(), "a fenced pod stops cleanly");
 
     sim.hold_script_at(None);
     sim.wait_all_sent(Duration::from_secs(120)).await.unwrap();
@@ -569,6 +596,137 @@ async fn a_paused_old_owner_cannot_roll_back_the_new_owners_replica() {
     }
     for s in sim.status().shards {
         assert_eq!(s.identifies, 1, "every move resumed: {s:?}");
+    }
+    let v = verify(&data_dir, Topology::new(2, 4, 1).unwrap(), &sim.expected()).unwrap();
+    assert!(v.is_exact(), "{v:?}");
+    assert_eq!(v.stored_messages, MESSAGES);
+}
+
+/// Another process's lease record for `partition`, written over the current one without a
+/// condition (moto accepts unsigned requests): `holder`, the current epoch + `bump`, renewed now,
+/// released if `released`. Returns the epoch written.
+async fn overwrite_lease(
+    bucket: &str,
+    partition: u32,
+    holder: &str,
+    bump: u64,
+    released: bool,
+) -> u64 {
+    use object_store::ObjectStore as _;
+    let store = s3::client(bucket);
+    let key = object_store::path::Path::from(format!("test/leases/p{partition:04}"));
+    let bytes = store.get(&key).await.unwrap().bytes().await.unwrap();
+    let mut record: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    let epoch = record["epoch"].as_u64().unwrap() + bump;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    record["holder"] = holder.into();
+    record["epoch"] = epoch.into();
+    record["renewed_at_ms"] = now_ms.into();
+    if released {
+        record["released_at_ms"] = now_ms.into();
+    }
+    store
+        .put(&key, record.to_string().into_bytes().into())
+        .await
+        .unwrap();
+    epoch
+}
+
+/// A lease lost while the pod runs (another process took p0001 over): only its shard group
+/// (shard 1) is fenced — killed at once, no drain, its partitions no longer replicated — while
+/// shard 0 goes on ingesting, and the loss shows in `/readyz` (shard 1 pending, the lease
+/// waited for) and `shardlite_lease_losses_total`. When the taker releases the lease, the pod
+/// takes it back, starts the group again from its files and resumes shard 1's Discord session:
+/// every message exactly once, one identify per shard, no other group touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_lease_fences_only_its_shard_group_until_the_lease_comes_back() {
+    let bucket = s3::bucket("fence-group").await;
+    let (sim, _) = handoff_sim().await;
+    let spec = NodeSpec {
+        lease_ttl_secs: Some(6),
+        ..handoff_spec(&bucket, 1, 0)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let pod = NodeProcess::start(dir.path(), &sim, &spec).await;
+    pod.wait_sessions_applied(&sim, Duration::from_secs(60))
+        .await;
+
+    // The taker renews its lease every second (a live holder) until told to release it.
+    let (release, mut released) = tokio::sync::oneshot::channel::<()>();
+    let taker = tokio::spawn({
+        let bucket = bucket.clone();
+        async move {
+            overwrite_lease(&bucket, 1, "taker", 1, false).await;
+            loop {
+                tokio::select! {
+                    _ = &mut released => break,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {
+                        overwrite_lease(&bucket, 1, "taker", 0, false).await;
+                    }
+                }
+            }
+            overwrite_lease(&bucket, 1, "taker", 0, true).await
+        }
+    });
+    let status = wait_for(
+        "the pod to fence shard 1 and wait for p0001",
+        Duration::from_secs(60),
+        async || {
+            let (_, status) = pod.readyz().await?;
+            (status.pending_shards == [1] && status.groups.len() == 1).then_some(status)
+        },
+    )
+    .await;
+    assert_eq!(status.groups[0].shard, 0, "{status:?}");
+    let stderr = pod.stderr_text();
+    assert_eq!(
+        stderr.matches("shard group fenced").count(),
+        1,
+        "only shard 1's group:\n{stderr}"
+    );
+    assert!(
+        pod.metrics()
+            .await
+            .contains("shardlite_lease_losses_total{shard=\"1\"} 1"),
+        "the loss is counted"
+    );
+    // Shard 0 goes on ingesting while shard 1 waits.
+    sim.hold_script_at(None);
+    let applied_before = status.groups[0].partitions[0]
+        .session
+        .as_ref()
+        .map_or(0, |s| s.applied_seq);
+    wait_for(
+        "shard 0 to go on applying",
+        Duration::from_secs(60),
+        async || {
+            let (_, status) = pod.readyz().await?;
+            let g = status.groups.iter().find(|g| g.shard == 0)?;
+            let applied = g.partitions[0].session.as_ref()?.applied_seq;
+            (applied > applied_before).then_some(())
+        },
+    )
+    .await;
+
+    release.send(()).unwrap();
+    let taker_epoch = taker.await.unwrap();
+    sim.wait_all_sent(Duration::from_secs(120)).await.unwrap();
+    pod.wait_caught_up(&sim, Duration::from_secs(60)).await;
+    let stderr = pod.stderr_text();
+    assert!(
+        stderr.contains(&format!(
+            "lease acquired partition=p0001 epoch={}",
+            taker_epoch + 1
+        )),
+        "the pod took p0001 back after the taker's release:\n{stderr}"
+    );
+    let data_dir = pod.data_dir.clone();
+    assert!(pod.stop().await.success());
+    for s in sim.status().shards {
+        assert_eq!(s.identifies, 1, "shard 1 resumed its session: {s:?}");
     }
     let v = verify(&data_dir, Topology::new(2, 4, 1).unwrap(), &sim.expected()).unwrap();
     assert!(v.is_exact(), "{v:?}");

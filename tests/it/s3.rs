@@ -119,3 +119,17 @@ pub async fn replica_keys(bucket: &str, p: u32) -> Option<BTreeSet<String>> {
             .collect(),
     )
 }
+
+/// A signed client for `bucket` on the local S3 server (moto answers unsigned listings but
+/// refuses unsigned object reads; it accepts any credentials).
+pub fn client(bucket: &str) -> object_store::aws::AmazonS3 {
+    object_store::aws::AmazonS3Builder::new()
+        .with_endpoint(endpoint())
+        .with_bucket_name(bucket)
+        .with_region("us-east-1")
+        .with_access_key_id("test")
+        .with_secret_access_key("test")
+        .with_allow_http(true)
+        .build()
+        .unwrap()
+}
