@@ -24,6 +24,19 @@ type AcquiringGroup<'a> = std::pin::Pin<
     Box<dyn Future<Output = Result<(u32, Vec<crate::cluster::Acquired>), LeaseError>> + Send + 'a>,
 >;
 
+/// Longest a fence of one shard group may take before the process stops every write by exiting
+/// (DESIGN §7: a lost lease must stop its writes before a contender can take it over, TTL / 3
+/// after the write deadline at the shortest).
+const FENCE_BOUND: Duration = Duration::from_secs(5);
+
+/// How long a fenced group waits before it contends for its leases again: a contender taking
+/// the group over looks every sixth of a TTL (every second once it sees a release), so it gets
+/// the leases this process just released first, rather than each process ending up with part of
+/// the group and waiting on the other for good.
+fn refence_pause(config: &Config) -> Duration {
+    Duration::from_secs(config.cluster.lease_ttl_secs) / 6 + Duration::from_secs(2)
+}
+
 /// Acquires the leases of `shard`'s partitions into `keeper` (see [`crate::cluster::Acquirer`]).
 fn acquire_group<'a>(
     keeper: &LeaseKeeper,
@@ -31,9 +44,21 @@ fn acquire_group<'a>(
     shard: u32,
     waits: &'a tokio::sync::watch::Sender<std::collections::BTreeMap<PartitionId, LeaseWait>>,
 ) -> AcquiringGroup<'a> {
+    acquire_group_after(keeper, topology, shard, waits, Duration::ZERO)
+}
+
+/// [`acquire_group`] after a pause.
+fn acquire_group_after<'a>(
+    keeper: &LeaseKeeper,
+    topology: &Topology,
+    shard: u32,
+    waits: &'a tokio::sync::watch::Sender<std::collections::BTreeMap<PartitionId, LeaseWait>>,
+    pause: Duration,
+) -> AcquiringGroup<'a> {
     let acquirer = keeper.acquirer();
     let partitions = topology.partitions_of_shard(shard);
     Box::pin(async move {
+        tokio::time::sleep(pause).await;
         acquirer
             .acquire(&partitions, waits)
             .await
@@ -494,7 +519,13 @@ async fn run_config(
                         keeper
                             .release_fenced(None, &config_topology.partitions_of_shard(shard))
                             .await;
-                        acquiring.push(acquire_group(keeper, &config_topology, shard, &pod.waits));
+                        acquiring.push(acquire_group_after(
+                            keeper,
+                            &config_topology,
+                            shard,
+                            &pod.waits,
+                            refence_pause(config),
+                        ));
                     }
                 }
                 Ok(group) => pending.push(group),
@@ -531,7 +562,8 @@ async fn run_config(
             } => lost_lease = Some(lost),
             // Reloads wait until the pod is ready: a drain in the middle of a start would hand
             // over partitions that have not uploaded their first snapshot yet.
-            Some(new) = reloads.recv(), if is_ready => {
+            // Nor while groups are being added or wait to be (after a fence).
+            Some(new) = reloads.recv(), if is_ready && adding.is_none() && pending.is_empty() => {
                 // Several SIGHUPs in a row: the newest file is the one that counts.
                 let mut new = new;
                 while let Ok(newer) = reloads.try_recv() {
@@ -555,9 +587,23 @@ async fn run_config(
             tracing::error!(shard, partition = %lost.partition, error = %crate::error_chain(&lost.error),
                 "partition lease lost: fencing its shard group (no more writes, no drain), then waiting for the lease again");
             if started.contains(&shard) {
-                if let Err(e) = node.adder().fence(vec![shard]).await {
-                    tracing::error!(shard, error = %crate::error_chain(&e), "the fence was not confirmed");
+                // While a batch is being added the tree is busy with it (restores, Litestream
+                // taking the partitions on, a forced sync that would upload this group too): a
+                // fence could only come after it, and this group writes meanwhile.
+                if adding.is_some() {
                     fence_and_exit(&data_dir, &lost.error);
+                }
+                // Well within the TTL / 3 between the write deadline and a contender's takeover.
+                match tokio::time::timeout(FENCE_BOUND, node.adder().fence(vec![shard])).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::error!(shard, error = %crate::error_chain(&e), "the fence was not confirmed");
+                        fence_and_exit(&data_dir, &lost.error);
+                    }
+                    Err(_) => {
+                        tracing::error!(shard, bound = ?FENCE_BOUND, "the fence was not confirmed in time");
+                        fence_and_exit(&data_dir, &lost.error);
+                    }
                 }
                 started.retain(|s| *s != shard);
                 for p in &group {
@@ -578,7 +624,13 @@ async fn run_config(
                 continue;
             }
             keeper.release_fenced(Some(lost), &group).await;
-            acquiring.push(acquire_group(keeper, &config_topology, shard, &pod.waits));
+            acquiring.push(acquire_group_after(
+                keeper,
+                &config_topology,
+                shard,
+                &pod.waits,
+                refence_pause(config),
+            ));
         }
     };
     // No lease joins the keeper after this, and no batch is half started: a restore still
@@ -620,8 +672,12 @@ async fn run_config(
                 // replica has and resumes from it. Partitions of groups that never started
                 // release without a position (nothing was written under their epoch).
                 Some(keeper) if stopped.is_ok() => {
+                    // A batch whose add was dropped at the stop may have started its groups all
+                    // the same (the tree finishes a message it began): they ran and were
+                    // drained, so they release with their positions too.
                     let written: Vec<PartitionId> = started
                         .iter()
+                        .chain(&adding_shards)
                         .flat_map(|&s| config_topology.partitions_of_shard(s))
                         .collect();
                     let positions = released_positions(&data_dir, &written, &config_topology);

@@ -168,7 +168,15 @@ impl LeaseKeeper {
             *held = kept;
             leases.extend(fenced);
             // The renewer sends every loss of a pass while it holds this lock: all of this
-            // group's are queued by now.
+            // group's are queued by now (or buffered while another group's were collected).
+            let buffered = std::mem::take(&mut self.buffered);
+            for other in buffered {
+                if group.contains(&other.partition) {
+                    leases.extend(other.expired);
+                } else {
+                    self.buffered.push_back(other);
+                }
+            }
             while let Ok(other) = self.lost.try_recv() {
                 if group.contains(&other.partition) {
                     leases.extend(other.expired);

@@ -375,7 +375,10 @@ impl LitestreamState {
         self.guard.0 = None;
         // The `Exited` of this generation must not count as a failure.
         self.generation += 1;
-        signal(pid, Signal::SIGKILL);
+        // A child that already exited (its `Exited` still queued) may have had its pid reused.
+        if !*self.exited.borrow() {
+            signal(pid, Signal::SIGKILL);
+        }
         if tokio::time::timeout(STOP_SLACK, self.exited.wait_for(|e| *e))
             .await
             .is_err()
