@@ -257,10 +257,13 @@ pub struct Acquired {
 }
 
 impl Acquirer {
-    /// Acquires the lease of every partition in `partitions` (one shard group's, or all of a
-    /// pod's), waiting — and logging whom for — while another process holds one; each is renewed
-    /// from the moment it is taken. `waits` is kept up to date with the leases still waited for
-    /// (see [`LeaseWaits`]).
+    /// Acquires the lease of every partition in `partitions` — one shard group's, the unit that
+    /// moves between pods as a whole — waiting (and logging whom for) while another process
+    /// holds one; each is renewed from the moment it is taken. `waits` is kept up to date with
+    /// the leases still waited for (see [`LeaseWaits`]). Having held part of the group for a
+    /// full TTL while a live process holds the rest (two contenders for one group), it releases
+    /// its part and tries again after a random backoff of TTL / 6 to TTL / 2, so one of them gets
+    /// the whole group.
     ///
     /// # Errors
     /// [`LeaseError::PartitionsChanged`] or [`LeaseError::Malformed`]; a request error when the
@@ -273,26 +276,22 @@ impl Acquirer {
         waits: &watch::Sender<BTreeMap<PartitionId, LeaseWait>>,
     ) -> Result<Vec<Acquired>, LeaseError> {
         let started = Instant::now();
-        // All at once: an expired lease is taken only after a full TTL of watching it, and
-        // every partition's TTL must run in parallel, not in turns.
-        let (leases, held, ttl) = (&self.leases, &self.held, self.ttl);
-        let group = GroupPoll::default();
-        let group = &group;
-        let acquired = futures_util::future::join_all(partitions.iter().enumerate().map(
-            |(i, &p)| async move {
-                let lease = acquire_one(leases, p, ttl, waits, group, i == 0).await?;
-                let acquired = Acquired {
-                    partition: lease.partition,
-                    epoch: lease.epoch,
-                    released: lease.previous.as_ref().and_then(|r| r.position.clone()),
-                };
-                held.lock().await.push(lease);
-                Ok::<_, LeaseError>(acquired)
-            },
-        ))
-        .await
-        .into_iter()
-        .collect::<Result<Vec<Acquired>, _>>()?;
+        let acquired = loop {
+            tokio::select! {
+                acquired = self.attempt(partitions, waits) => break acquired?,
+                () = self.split(partitions, waits) => {
+                    // Two processes contending for one group at once (a fence's re-acquisition,
+                    // two copies of one pod) can each end up with part of it, each waiting for a
+                    // live holder — the other — for good. One of them backs off, at random.
+                    let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
+                    let backoff = self.ttl / 6 + Duration::from_millis(fastrand::u64(0..=ttl_ms / 3));
+                    tracing::warn!(partitions = ?partitions, backoff_ms = backoff.as_millis() as u64,
+                        "another live process holds part of this shard group while this one holds the rest: releasing ours and trying again");
+                    self.release_partial(partitions, waits).await;
+                    tokio::time::sleep(backoff).await;
+                }
+            }
+        };
         let epochs: Vec<String> = acquired
             .iter()
             .map(|l| format!("{}@{}", l.partition, l.epoch))
@@ -304,6 +303,86 @@ impl Acquirer {
             "partition leases acquired"
         );
         Ok(acquired)
+    }
+
+    /// One attempt at every lease of `partitions`, all at once: an expired lease is taken only
+    /// after a full TTL of watching it, and every partition's TTL must run in parallel.
+    async fn attempt(
+        &self,
+        partitions: &[PartitionId],
+        waits: &watch::Sender<BTreeMap<PartitionId, LeaseWait>>,
+    ) -> Result<Vec<Acquired>, LeaseError> {
+        let (leases, held, ttl) = (&self.leases, &self.held, self.ttl);
+        let group = GroupPoll::default();
+        let group = &group;
+        futures_util::future::join_all(partitions.iter().enumerate().map(|(i, &p)| async move {
+            let lease = acquire_one(leases, p, ttl, waits, group, i == 0).await?;
+            let acquired = Acquired {
+                partition: lease.partition,
+                epoch: lease.epoch,
+                released: lease.previous.as_ref().and_then(|r| r.position.clone()),
+            };
+            held.lock().await.push(lease);
+            Ok::<_, LeaseError>(acquired)
+        }))
+        .await
+        .into_iter()
+        .collect()
+    }
+
+    /// Resolves once this process has held some leases of `partitions` while a live process
+    /// held others, for a full TTL.
+    async fn split(
+        &self,
+        partitions: &[PartitionId],
+        waits: &watch::Sender<BTreeMap<PartitionId, LeaseWait>>,
+    ) {
+        let mut since: Option<Instant> = None;
+        loop {
+            tokio::time::sleep(RELEASE_POLL).await;
+            let holding = self
+                .held
+                .lock()
+                .await
+                .iter()
+                .any(|l| partitions.contains(&l.partition));
+            let blocked = waits
+                .borrow()
+                .iter()
+                .any(|(p, w)| partitions.contains(p) && w.live);
+            if holding && blocked {
+                if since.get_or_insert_with(Instant::now).elapsed() >= self.ttl {
+                    return;
+                }
+            } else {
+                since = None;
+            }
+        }
+    }
+
+    /// Releases (without a position: nothing was written under them) the leases of
+    /// `partitions` this process holds, and forgets the waits for the others.
+    async fn release_partial(
+        &self,
+        partitions: &[PartitionId],
+        waits: &watch::Sender<BTreeMap<PartitionId, LeaseWait>>,
+    ) {
+        let ours: Vec<HeldLease> = {
+            let mut held = self.held.lock().await;
+            let (ours, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut *held)
+                .into_iter()
+                .partition(|l| partitions.contains(&l.partition));
+            *held = kept;
+            ours
+        };
+        for lease in ours {
+            let partition = lease.partition;
+            if let Err(e) = self.leases.release(lease, None).await {
+                tracing::warn!(partition = %partition, error = %crate::error_chain(&e),
+                    "lease not released; it expires after its TTL");
+            }
+        }
+        waits.send_modify(|w| w.retain(|p, _| !partitions.contains(p)));
     }
 }
 
@@ -489,9 +568,9 @@ mod tests {
 
     const TTL: Duration = Duration::from_secs(60);
 
-    /// A pod that holds one lease and waits several TTLs for another (a rolling update) keeps
-    /// renewing the first all along, so it is still its own when the second arrives: nothing
-    /// expires under it, and nobody else could have taken it.
+    /// A pod that holds one shard group's lease and waits several TTLs for another group's (a
+    /// rolling update) keeps renewing the first all along, so it is still its own when the
+    /// second arrives: nothing expires under it, and nobody else could have taken it.
     #[tokio::test(start_paused = true)]
     async fn leases_already_held_are_renewed_while_the_others_are_awaited() {
         let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
@@ -505,7 +584,11 @@ mod tests {
         let (waits_tx, waits) = watch::channel(BTreeMap::new());
         let keeper = tokio::spawn({
             let ours = ours.clone();
-            async move { LeaseKeeper::acquire(ours, &[free, busy], TTL, &waits_tx).await }
+            async move {
+                let keeper = LeaseKeeper::acquire(ours, &[free], TTL, &waits_tx).await?;
+                keeper.acquirer().acquire(&[busy], &waits_tx).await?;
+                Ok::<_, LeaseError>(keeper)
+            }
         });
         // The other holder stays alive for three TTLs, then releases p0002.
         for _ in 0..9 {
@@ -582,5 +665,75 @@ mod tests {
             "all four held {waited:?} after the last release"
         );
         assert_eq!(keeper.epochs().await.len(), 4);
+    }
+
+    /// Two processes each holding half of one shard group and waiting for the other half (each
+    /// other's, live) would wait for good: one backs off after a TTL and the other gets the whole
+    /// group.
+    #[tokio::test(start_paused = true)]
+    async fn two_processes_each_holding_part_of_a_group_do_not_wait_on_each_other_for_good() {
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let a = LeaseKeeper::new(
+            Arc::new(Leases::new(store.clone(), "t", "a".into(), TTL, 64)),
+            TTL,
+        );
+        let b = LeaseKeeper::new(
+            Arc::new(Leases::new(store.clone(), "t", "b".into(), TTL, 64)),
+            TTL,
+        );
+        let c = Leases::new(store, "t", "c".into(), TTL, 64);
+        let group: Vec<PartitionId> = (0..4).map(PartitionId).collect();
+        // A third process holds the second half while `a` takes the first half and waits.
+        let mut cs = Vec::new();
+        for &p in &group[2..] {
+            let Acquire::Acquired(lease) = c.acquire(p).await.unwrap() else {
+                panic!("c takes {p}");
+            };
+            cs.push(lease);
+        }
+        let (waits_a, _) = watch::channel(BTreeMap::new());
+        let (waits_b, _) = watch::channel(BTreeMap::new());
+        let a_acq = tokio::spawn({
+            let (acquirer, group) = (a.acquirer(), group.clone());
+            async move {
+                acquirer
+                    .acquire(&group, &waits_a)
+                    .await
+                    .map(|l| ("a", l.len()))
+            }
+        });
+        // `c` renews for a while (live), then hands its half to `b` (which also wants the whole
+        // group): `a` holds p0, p1 and `b` p2, p3, each waiting for the other.
+        for _ in 0..4 {
+            let due = cs.iter().map(HeldLease::renew_at).min().unwrap();
+            tokio::time::sleep_until(due).await;
+            for lease in &mut cs {
+                c.renew(lease).await.unwrap();
+            }
+        }
+        // Released between two of `a`'s looks (every TTL / 6 from its start), and `b` asks
+        // before `a` looks again (no time passes in between).
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        for lease in cs {
+            c.release(lease, None).await.unwrap();
+        }
+        let b_acq = tokio::spawn({
+            let (acquirer, group) = (b.acquirer(), group.clone());
+            async move {
+                acquirer
+                    .acquire(&group, &waits_b)
+                    .await
+                    .map(|l| ("b", l.len()))
+            }
+        });
+        let first = tokio::time::timeout(TTL * 6, async {
+            tokio::select! {
+                r = a_acq => r.unwrap().unwrap(),
+                r = b_acq => r.unwrap().unwrap(),
+            }
+        })
+        .await
+        .expect("one of the two holds the whole group within six TTLs");
+        assert_eq!(first.1, 4, "{first:?}");
     }
 }
